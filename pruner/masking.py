@@ -1,0 +1,74 @@
+"""Masked forward passes: weights untouched, masks multiply activations.
+
+- attention: the unit mask is expanded to every channel of the pre-`o_proj` activation
+  (query heads x head_dim) and multiplies it;
+- MLP: the mask multiplies `act(gate(x)) * up(x)` before `down_proj`.
+
+A mask entry may carry a leading batch dimension, so K sampled masks can run in one
+batched forward (sequence b uses mask b).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter
+from .space import Mask, PruningSpace
+
+
+def expand_unit_mask(unit_mask: Tensor, unit_of_channel: Tensor) -> Tensor:
+    """(..., n_units) -> (..., n_channels) by gathering each channel's unit."""
+    return unit_mask.index_select(-1, unit_of_channel.to(unit_mask.device))
+
+
+def _scale_input(channel_mask: Tensor):
+    """A forward pre-hook multiplying a linear's input (B, T, C) by channel_mask (C,) or (B, C)."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        m = channel_mask.to(device=x.device, dtype=x.dtype)
+        if m.dim() == 2:
+            if m.shape[0] != x.shape[0]:
+                raise ValueError(f"a batched mask has {m.shape[0]} rows for a batch of {x.shape[0]} sequences")
+            m = m.unsqueeze(1)
+        return (x * m, *args[1:])
+
+    return hook
+
+
+@contextmanager
+def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask | None):
+    """Run `model` under `mask` inside the block; hooks are removed on exit.
+
+    Example: `with masked(model, adapter, space, mask): logits = model(ids).logits`.
+    """
+    handles = []
+    try:
+        if mask is not None:
+            for l in range(space.n_layers):
+                attn, mlp = adapter.attention(model, l), adapter.mlp(model, l)
+                if hasattr(attn, "o_proj") and mask.heads[l].shape[-1]:
+                    m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l))
+                    handles.append(attn.o_proj.register_forward_pre_hook(_scale_input(m)))
+                if hasattr(mlp, "down_proj") and mask.channels[l].shape[-1]:
+                    m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l))
+                    handles.append(mlp.down_proj.register_forward_pre_hook(_scale_input(m)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stack_masks(masks: list[Mask], repeats: int = 1) -> Mask:
+    """K masks -> one batched mask of K * repeats rows (mask k for rows k*repeats ... )."""
+    def stack(parts):
+        return torch.stack([p.float() for p in parts]).repeat_interleave(repeats, 0)
+
+    n_layers = len(masks[0].heads)
+    return Mask(
+        tuple(stack([m.heads[l] for m in masks]) for l in range(n_layers)),
+        tuple(stack([m.channels[l] for m in masks]) for l in range(n_layers)),
+    )

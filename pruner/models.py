@@ -1,0 +1,200 @@
+"""Loading and saving models: the embedded default, local checkpoints, our pruned models, hub ids.
+
+A pruned directory is a plain HF checkpoint (safetensors + config.json + tokenizer) whose
+config records `pruner_layout` (per-layer kept sizes). `load_model` rebuilds those shapes;
+when every layer has one shape the directory also loads with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+from .errors import PrunerError
+from .paths import embedded_model_dir
+from .slicing import apply_layout
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EMBEDDED = "embedded"
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready to prune: model, tokenizer, adapter and where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    spec: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`cuda` when present, else `cpu`; an explicit choice wins."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrunerError(f"device {device!r} asked for, but no CUDA device is available here: use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (exact, and bf16 matmuls are not faster everywhere), bf16 on GPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise PrunerError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def is_pruned_dir(path: Path) -> bool:
+    """True for a directory this library wrote (its config records a pruner layout)."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "pruner_layout" in json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep in spec.rstrip(os.sep) and spec.count("/") != 1
+
+
+def resolve_spec(spec: str) -> tuple[str, str]:
+    """-> (kind, location) with kind in {'local', 'hub'}; `embedded` becomes its prepared directory."""
+    if spec == EMBEDDED:
+        path = embedded_model_dir()
+        if not (path / "config.json").is_file():
+            raise PrunerError(
+                "the embedded model is not prepared yet: run `make app` (or `.venv/bin/python -m pruner setup`)"
+            )
+        return "local", str(path)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PrunerError(f"{spec!r} is a directory but holds no config.json: it is not a model checkpoint")
+        return "local", str(path)
+    if path.exists() or _looks_like_path(spec):
+        raise PrunerError(f"no model directory at {spec!r}: give `embedded`, a local checkpoint directory, or a hub id")
+    if spec.count("/") != 1:
+        raise PrunerError(
+            f"unknown model {spec!r}: give `embedded` (SmolLM2-135M-Instruct, offline), "
+            "a local checkpoint directory, or a hub id like `HuggingFaceTB/SmolLM2-360M`"
+        )
+    return "hub", spec
+
+
+def load_model(
+    spec: str = EMBEDDED,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM for pruning (eval mode, safetensors only)."""
+    from transformers import AutoTokenizer
+
+    kind, location = resolve_spec(spec)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        if kind == "local" and is_pruned_dir(Path(location)):
+            model = load_pruned(Path(location), dt)
+        else:
+            model = _from_pretrained(location, dt, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except PrunerError:
+        raise
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise PrunerError(
+                f"could not load {spec!r} from the model hub ({type(exc).__name__}: {exc}). "
+                "Where the hub is unreachable, use `embedded` or a local checkpoint directory."
+            ) from exc
+        raise PrunerError(f"could not load the model at {location!r}: {exc}") from exc
+    adapter = adapter_for(model)
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, adapter, spec, dev, dt)
+
+
+def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def load_pruned(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild a pruned model's per-layer shapes from `pruner_layout`, then load its weights."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    layout = config.pruner_layout
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        adapter = adapter_for(model)
+        apply_layout(model, adapter, layout)
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise PrunerError(f"{path} has no .safetensors weights")
+    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied and not k.startswith("lm_head")]
+    if missing or result.unexpected_keys:
+        raise PrunerError(f"{path}: weights do not match the recorded layout (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+    if "lm_head.weight" in result.missing_keys:
+        model.tie_weights()
+    return model
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty directory that this library did not write, unless overwrite."""
+    if out.exists() and not out.is_dir():
+        raise PrunerError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_pruned_dir(out) and not overwrite:
+        raise PrunerError(f"{out} exists, is not empty and was not written by pruner: choose another --out or pass --overwrite")
+
+
+def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write safetensors weights, config (with `pruner_layout`), tokenizer and report.json.
+
+    Written to a temporary sibling directory, then moved into place: an interrupted save
+    leaves any earlier content of `out` intact and nothing half-written.
+    """
+    out = Path(out)
+    prepare_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
