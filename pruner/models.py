@@ -108,19 +108,24 @@ def load_model(
     kind, location = resolve_spec(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    # Where the hub cannot be reached, use only the local HF cache (no retries, a fast clear error).
+    local_only = kind == "hub" and not _hub_reachable()
     try:
         if kind == "local" and is_pruned_dir(Path(location)):
             model = load_pruned(Path(location), dt)
         else:
-            model = _from_pretrained(location, dt, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+            model = _from_pretrained(location, dt, trust_remote_code, local_only)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
     except PrunerError:
         raise
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise PrunerError(
-                f"could not load {spec!r} from the model hub ({type(exc).__name__}: {exc}). "
-                "Where the hub is unreachable, use `embedded` or a local checkpoint directory."
+                f"could not load {spec!r} from the model hub"
+                + (" (the hub is unreachable from here and the model is not in the local HF cache)" if local_only
+                   else f" ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+                + ". Offline, use `embedded` or a local checkpoint directory."
             ) from exc
         raise PrunerError(f"could not load the model at {location!r}: {exc}") from exc
     adapter = adapter_for(model)
@@ -128,11 +133,26 @@ def load_model(
     return LoadedModel(model, tokenizer, adapter, spec, dev, dt)
 
 
-def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint (skipped, False, when HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=local_only
     )
 
 

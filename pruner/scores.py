@@ -1,0 +1,60 @@
+"""Importance scores of pruning units: pure functions from weight tensors to score vectors."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def head_weight_sq_norms(q: Tensor, k: Tensor, v: Tensor, o: Tensor, head_dim: int,
+                         q_bias: Tensor | None = None, k_bias: Tensor | None = None,
+                         v_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Squared L2 norms of everything one head owns.
+
+    q (n_q*hd, H), k/v (n_kv*hd, H), o (H, n_q*hd) -> (per query head: q rows + q bias + o columns,
+    per kv head: k rows + v rows + their biases), shapes (n_q,), (n_kv,).
+    """
+    def per_head(rows: Tensor, bias: Tensor | None) -> Tensor:
+        sq = rows.float().pow(2).sum(1)
+        if bias is not None:
+            sq = sq + bias.float().pow(2)
+        return sq.view(-1, head_dim).sum(1)
+
+    q_sq = per_head(q, q_bias) + o.float().pow(2).sum(0).view(-1, head_dim).sum(1)
+    kv_sq = per_head(k, k_bias) + per_head(v, v_bias)
+    return q_sq, kv_sq
+
+
+def magnitude_head_scores(q_sq: Tensor, kv_sq: Tensor, granularity: str) -> Tensor:
+    """L2 norm of all weights of each attention unit.
+
+    kv_group: the kv head plus its query heads; query_head: the query head's q rows and o
+    columns (the shared k/v heads belong to no single query head); block: the whole sublayer.
+    """
+    if granularity == "kv_group":
+        group = q_sq.numel() // kv_sq.numel()
+        return (q_sq.view(-1, group).sum(1) + kv_sq).sqrt()
+    if granularity == "query_head":
+        return q_sq.sqrt()
+    return (q_sq.sum() + kv_sq.sum()).sqrt().view(1)
+
+
+def mlp_channel_sq_norms(gate: Tensor, up: Tensor, down: Tensor,
+                         gate_bias: Tensor | None = None, up_bias: Tensor | None = None) -> Tensor:
+    """Squared L2 norm of each intermediate channel: gate row + up row + down column (+ biases)."""
+    sq = gate.float().pow(2).sum(1) + up.float().pow(2).sum(1) + down.float().pow(2).sum(0)
+    for b in (gate_bias, up_bias):
+        if b is not None:
+            sq = sq + b.float().pow(2)
+    return sq
+
+
+def magnitude_channel_scores(channel_sq: Tensor, granularity: str) -> Tensor:
+    """L2 norm of each MLP unit (a channel, or the whole sublayer for `block`)."""
+    return channel_sq.sum().sqrt().view(1) if granularity == "block" else channel_sq.sqrt()
+
+
+def standardize(scores: Tensor, eps: float = 1e-12) -> Tensor:
+    """z = (x - mean) / std, so scores of different layers or kinds can share one threshold."""
+    scores = scores.double()
+    return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
