@@ -34,9 +34,8 @@ def uniform_counts(space: PruningSpace, keep: float) -> tuple[list[int], list[in
         n_h, n_c = space.n_head_units(l), space.n_channel_units(l)
         step = s.n_kv if space.granularity == "query_head" else 1
         k_h = min(n_h, max(step, step * round(keep * n_h / step))) if n_h else 0
-        unit_total = n_h * space.head_unit_cost(l) + n_c * space.channel_unit_cost(l)
-        fixed = space.layer_params(s, l) - unit_total
-        budget = keep * space.layer_params(s, l) - fixed - k_h * space.head_unit_cost(l)
+        mlp_fixed = space.layer_params(s, l) - space.attention_params_keeping(l, n_h) - n_c * space.channel_unit_cost(l)
+        budget = keep * space.layer_params(s, l) - space.attention_params_keeping(l, k_h) - mlp_fixed
         k_c = min(n_c, max(1, round(budget / space.channel_unit_cost(l)))) if n_c else 0
         head_counts.append(int(k_h))
         channel_counts.append(int(k_c))

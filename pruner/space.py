@@ -133,6 +133,18 @@ class PruningSpace:
             return float(s.group_size * per_q + per_kv)
         return per_q + per_kv / s.group_size
 
+    def attention_params_keeping(self, layer: int, k: int) -> int:
+        """Exact attention parameters of `layer` when k of its attention units are kept
+        (for `query_head`, k must be a multiple of the kv heads: the same count per group)."""
+        s = self.shapes[layer]
+        if self.granularity == "kv_group":
+            n_q, n_kv = k * s.group_size, k
+        elif self.granularity == "query_head":
+            n_q, n_kv = k, (s.n_kv if k else 0)
+        else:
+            n_q, n_kv = (s.n_q, s.n_kv) if k else (0, 0)
+        return attention_params(LayerShape(n_q, n_kv, s.head_dim, s.d_ff), self.hidden, self.biases[layer])
+
     def channel_unit_cost(self, layer: int) -> float:
         s, b, h = self.shapes[layer], self.biases[layer], self.hidden
         if self.granularity == "block":
