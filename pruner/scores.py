@@ -58,3 +58,38 @@ def standardize(scores: Tensor, eps: float = 1e-12) -> Tensor:
     """z = (x - mean) / std, so scores of different layers or kinds can share one threshold."""
     scores = scores.double()
     return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+
+
+def group_channels(channel_scores: Tensor, head_dim: int, group_size: int, granularity: str,
+                   reduce: str = "sum") -> Tensor:
+    """Per-channel scores of the o_proj input (n_q*head_dim,) -> per attention unit.
+
+    A query head sums its head_dim channels; a kv group combines its query heads with
+    `reduce` ("sum" or "mean"); a block sums everything.
+    """
+    per_head = channel_scores.view(-1, head_dim).sum(1)
+    if granularity == "query_head":
+        return per_head
+    if granularity == "kv_group":
+        grouped = per_head.view(-1, group_size)
+        return grouped.mean(1) if reduce == "mean" else grouped.sum(1)
+    return per_head.sum().view(1)
+
+
+def wanda_sp_channel_scores(weight: Tensor, x_l2: Tensor) -> Tensor:
+    """Wanda-sp: column j of W (out, in) scores mean_i |W[i, j]| * ||X_j||_2, X the layer input."""
+    return weight.float().abs().mean(0).double() * x_l2.double()
+
+
+def flap_channel_scores(weight: Tensor, x_var: Tensor) -> Tensor:
+    """FLAP fluctuation metric: Var_tokens(X_j) * ||W[:, j]||_2^2."""
+    return x_var.double() * weight.float().pow(2).sum(0).double()
+
+
+def flap_bias(weight: Tensor, x_mean: Tensor, removed: Tensor) -> Tensor:
+    """FLAP bias compensation for removed input channels: W[:, removed] @ mean(X[removed]).
+
+    Adding it to the layer's bias keeps the output's mean where the dense layer had it.
+    """
+    idx = removed.nonzero().flatten().to(weight.device)
+    return weight.double()[:, idx] @ x_mean.double().to(weight.device)[idx]

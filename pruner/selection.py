@@ -50,18 +50,35 @@ def uniform_mask(space: PruningSpace, head_scores: list[Tensor], channel_scores:
     return Mask(heads, channels)
 
 
+def fill_budget(scores: Tensor, costs: Tensor, budget: float) -> Tensor:
+    """Greedy knapsack fill: walk units by descending score, keep each one that still fits.
+
+    Returns a bool mask with sum(costs[kept]) <= budget. Unlike a plain prefix cut, a large unit
+    that does not fit does not stop smaller, lower-scored units from filling the rest.
+    """
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    ordered_costs = costs.double()[order]
+    prefix = torch.cumsum(ordered_costs, 0) <= budget + 1e-6
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    n_prefix = int(prefix.sum())
+    keep[order[:n_prefix]] = True
+    used = float(ordered_costs[:n_prefix].sum())
+    for i, c in zip(order[n_prefix:].tolist(), ordered_costs[n_prefix:].tolist()):
+        if used + c <= budget + 1e-6:
+            keep[i] = True
+            used += c
+    return keep
+
+
 def global_mask(space: PruningSpace, head_scores: list[Tensor], channel_scores: list[Tensor], keep: float) -> Mask:
     """Keep units in order of score, over all layers and both kinds, while they fit in
-    `keep` x decoder-linear parameters (scores must be comparable, e.g. standardised).
+    `keep` x decoder-linear parameters (`fill_budget`) (scores must be comparable, e.g. standardised).
     For `query_head` each layer's count is then evened out over its groups."""
     h_cost, c_cost = space.unit_costs()
     costs = torch.cat([h_cost, c_cost])
     scores = torch.cat([torch.cat(head_scores), torch.cat(channel_scores)]).double()
     budget = keep * space.decoder_linear_params() - (space.decoder_linear_params() - costs.sum().item())
-    order = torch.argsort(scores, descending=True, stable=True)
-    fits = torch.cumsum(costs[order], 0) <= budget + 1e-6
-    keep_flat = torch.zeros(len(scores), dtype=torch.bool)
-    keep_flat[order[fits]] = True
+    keep_flat = fill_budget(scores, costs, budget)
     mask = space.unflatten(keep_flat[: len(h_cost)], keep_flat[len(h_cost):])
     if space.granularity == "query_head":
         heads = tuple(top_heads(space, l, head_scores[l], int(m.sum())) for l, m in enumerate(mask.heads))

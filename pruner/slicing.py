@@ -190,3 +190,18 @@ def apply_layout(model: nn.Module, adapter: Adapter, layout: list[dict]) -> None
             mlp.gate_proj = linear(hidden, d_ff, "gate_proj")
             mlp.up_proj = linear(hidden, d_ff, "up_proj")
             mlp.down_proj = linear(d_ff, hidden, "down_proj")
+
+
+def add_output_bias(model: nn.Module, adapter: Adapter, layer: int, which: str, delta: Tensor) -> None:
+    """Add `delta` to the output bias of o_proj or down_proj of a sliced layer (creating the
+    bias if the layer had none), e.g. FLAP's compensation for removed channels."""
+    block = adapter.layers(model)[layer]
+    holder = block.self_attn if which == "o_proj" else block.mlp
+    target = holder if isinstance(holder, (RemovedAttention, RemovedMLP)) else getattr(holder, which)
+    ref = next(model.parameters())
+    delta = delta.to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        if target.bias is None:
+            target.bias = nn.Parameter(delta.clone())
+        else:
+            target.bias.add_(delta)

@@ -1,0 +1,76 @@
+"""Calibration statistics of the activations entering o_proj and down_proj.
+
+One dense pass over calibration windows accumulates, per input channel j, the token count,
+sum x_j and sum x_j^2 (fp64). That is all the metric baselines need:
+||X_j||_2 = sqrt(sum x^2) (Wanda-sp), Var(X_j) and mean(X_j) (FLAP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+
+
+@dataclass
+class InputStats:
+    """Running per-channel moments of a linear layer's input."""
+
+    count: int
+    total: Tensor  # (C,) sum of x
+    total_sq: Tensor  # (C,) sum of x^2
+
+    @classmethod
+    def empty(cls, channels: int) -> "InputStats":
+        return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.count += x.shape[0]
+        self.total += x.sum(0).cpu()
+        self.total_sq += x.pow(2).sum(0).cpu()
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance over tokens, E[x^2] - E[x]^2."""
+        return (self.total_sq / max(self.count, 1) - self.mean.pow(2)).clamp(min=0)
+
+    @property
+    def l2(self) -> Tensor:
+        """||X_j||_2 over all calibration tokens."""
+        return self.total_sq.sqrt()
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int = 8,
+                        progress: bool = False) -> tuple[list[InputStats], list[InputStats]]:
+    """Per layer: stats of the o_proj input (n_q*head_dim channels) and down_proj input (d_ff)."""
+    n_layers = len(adapter.layers(model))
+    attn = [InputStats.empty(adapter.attention(model, l).o_proj.in_features) for l in range(n_layers)]
+    mlp = [InputStats.empty(adapter.mlp(model, l).down_proj.in_features) for l in range(n_layers)]
+    handles = []
+
+    def recorder(stats: InputStats):
+        def hook(module, args):
+            stats.add(args[0])
+        return hook
+
+    for l in range(n_layers):
+        handles.append(adapter.attention(model, l).o_proj.register_forward_pre_hook(recorder(attn[l])))
+        handles.append(adapter.mlp(model, l).down_proj.register_forward_pre_hook(recorder(mlp[l])))
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress, leave=False):
+            model(windows[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return attn, mlp

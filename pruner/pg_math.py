@@ -1,0 +1,142 @@
+"""Policy-gradient mask learning, the pure math (Gao et al., arXiv 2406.10576, Sec. 3).
+
+Each unit i has a keep probability s_i in [0, 1]; masks m ~ Bernoulli(s). The loss of the
+masked model L(m) is scored with forward passes only, and
+
+    grad_s E[L(m)] = E[(L(m) - delta) * d log p(m|s) / ds],   d log p / ds = (m - s) / (s (1 - s)),
+
+where the baseline delta does not change the expectation. The reference implementation
+divides by sqrt(s (1 - s)) instead (a rescaled, still low-variance direction); both are here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ESTIMATORS = ("reference", "exact")
+INITS = ("sigmap", "const", "norm", "random")
+
+
+def sample_masks(s: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """K independent Bernoulli(s) masks, (K, N) float 0/1, drawn from `generator`."""
+    u = torch.rand((k, s.numel()), generator=generator, dtype=torch.float64)
+    return (u < s.double().unsqueeze(0)).to(s.dtype)
+
+
+def score_function(m: Tensor, s: Tensor, estimator: str = "reference", eps: float = 1e-8) -> Tensor:
+    """d log Bernoulli(m | s) / ds, per unit.
+
+    exact:     (m - s) / (s (1 - s) + eps)
+    reference: (m - s) / sqrt(s (1 - s) + eps)       (the public reference code)
+    """
+    var = s * (1 - s) + eps
+    if estimator == "exact":
+        return (m - s) / var
+    if estimator == "reference":
+        return (m - s) / var.sqrt()
+    raise ValueError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+
+
+def update_baseline(delta: float | None, losses: Tensor, window: int) -> float:
+    """Moving-average baseline: the mean loss on the first step, then
+    delta <- (1 - 1/T) delta + (1/T) mean(losses). Updated before the gradient is formed."""
+    mean = float(losses.mean())
+    if delta is None:
+        return mean
+    return (1 - 1 / window) * delta + mean / window
+
+
+def per_sample_gradients(losses: Tensor, masks: Tensor, s: Tensor, baseline: float,
+                         estimator: str = "reference") -> Tensor:
+    """(K, N): sample j's estimate (L_j - delta) * score(m_j, s)."""
+    return (losses - baseline).unsqueeze(1).to(s.dtype) * score_function(masks, s, estimator)
+
+
+def policy_gradient(losses: Tensor, masks: Tensor, s: Tensor, baseline: float,
+                    estimator: str = "reference") -> Tensor:
+    """g = 1/(K-1) sum_j (L_j - delta) score(m_j, s), as in the reference scripts (K >= 2)."""
+    k = losses.numel()
+    return per_sample_gradients(losses, masks, s, baseline, estimator).sum(0) / max(k - 1, 1)
+
+
+def gradient_variance(per_sample: Tensor) -> float:
+    """Spread of the estimate: mean over units of the unbiased sample variance across the K
+    per-sample estimates, (1/N) sum_i 1/(K-1) sum_j (g_ji - mean_j g_ji)^2."""
+    if per_sample.shape[0] < 2:
+        return 0.0
+    return float(per_sample.double().var(0, unbiased=True).mean())
+
+
+def log_odds_penalty(s: Tensor, eps: float = 1e-6) -> Tensor:
+    """Gradient term lambda_t * (log(1 - s) - log s): pushes probabilities toward 0 or 1."""
+    s = s.clamp(eps, 1 - eps)
+    return torch.log1p(-s) - torch.log(s)
+
+
+def cosine_lr(step: int, total: int, lr0: float) -> float:
+    """Cosine decay from lr0 at step 0 to 0 at step `total`, no warm-up."""
+    return 0.5 * lr0 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def project(s: Tensor, budget: float, costs: Tensor | None = None, tol: float = 1e-3, iters: int = 60,
+            lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """Euclidean projection of s onto {lo <= s <= hi, sum c_i s_i <= budget}.
+
+    If sum c_i clip(s_i, lo, hi) <= budget, the answer is clip(s, lo, hi); otherwise
+    s_i = clip(s_i - v c_i, lo, hi) with v >= 0 found by bisection so that the weighted sum
+    meets the budget (|sum - budget| <= tol * max cost). With c = 1, lo = 0, hi = 1 this is the
+    reference's projection with k = budget units; lo > 0 keeps every unit explorable (a unit
+    at exactly 0 is never sampled again and its score is 0 forever).
+    """
+    costs = torch.ones_like(s) if costs is None else costs.to(s.dtype)
+    clipped = s.clamp(lo, hi)
+    if float((clipped * costs).sum()) <= budget:
+        return clipped
+    v_lo, v_hi = 0.0, float(((s - lo) / costs).max().clamp(min=0)) + 1.0
+    target_tol = tol * float(costs.max())
+    for _ in range(iters):
+        v = 0.5 * (v_lo + v_hi)
+        total = float(((s - v * costs).clamp(lo, hi) * costs).sum())
+        if abs(total - budget) <= target_tol:
+            break
+        v_lo, v_hi = (v, v_hi) if total > budget else (v_lo, v)
+    return (s - v * costs).clamp(lo, hi)
+
+
+def init_probs(metric: Tensor, keep: float, method: str = "sigmap", const: float = 0.9,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Initial keep probabilities of one layer's units from a metric (higher = more important).
+
+    sigmap: z = standardised metric; s = clip(sigmoid(z) - mean(sigmoid(z)) + keep, 0, 1)
+    const:  c for the top keep-fraction units, 1 - c for the rest
+    norm:   min-max to [0, 1], then shift the mean to keep, clipped
+    random: uniform(0, 1) shifted to mean keep, clipped (the metric is ignored)
+    """
+    metric = metric.double()
+    if method == "sigmap":
+        z = (metric - metric.mean()) / (metric.std(unbiased=False) + 1e-12)
+        sig = torch.sigmoid(z)
+        return (sig - sig.mean() + keep).clamp(0, 1)
+    if method == "const":
+        n_keep = round(keep * metric.numel())
+        s = torch.full_like(metric, 1 - const)
+        if n_keep:
+            s[torch.topk(metric, n_keep).indices] = const
+        return s
+    if method == "norm":
+        span = metric.max() - metric.min()
+        x = (metric - metric.min()) / span if span > 0 else torch.full_like(metric, 0.5)
+        return (x - x.mean() + keep).clamp(0, 1)
+    if method == "random":
+        u = torch.rand(metric.numel(), generator=generator, dtype=torch.float64)
+        return (u - u.mean() + keep).clamp(0, 1)
+    raise ValueError(f"unknown init {method!r}: choose one of {', '.join(INITS)}")
+
+
+def entropy(s: Tensor, eps: float = 1e-12) -> float:
+    """Mean Bernoulli entropy in nats: 0 when every unit is decided, log 2 at s = 0.5."""
+    s = s.double().clamp(eps, 1 - eps)
+    return float((-(s * s.log()) - (1 - s) * (1 - s).log()).mean())
