@@ -7,6 +7,7 @@ Bad input exits with status 2 and a one-line `error: ...` on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,35 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+
+
+PG_HELP = {
+    "steps": "search steps", "samples": "K masks per step (>= 2)", "batch_size": "sequences per mask",
+    "seqlen": "tokens per calibration block", "lr": "initial learning rate (cosine decay to 0)",
+    "window": "T of the moving-average baseline", "use_baseline": "subtract the moving baseline",
+    "estimator": "reference: (m-s)/sqrt(s(1-s)); exact: (m-s)/(s(1-s))",
+    "budget": "separate: heads and channels each keep 1-ratio; joint: one parameter budget",
+    "scope": "global (layers find their own sparsity) or per_layer", "init": "sigmap, const, norm or random",
+    "init_metric": "metric behind the init: wanda-sp, flap, magnitude", "init_const": "c of the const init",
+    "penalty": "log-odds penalty weight", "prob_floor": "keep s in [floor, 1-floor]",
+    "forward_dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", "eval_every": "steps between hard-mask evaluations",
+    "eval_windows": "validation windows per evaluation", "snapshot_every": "steps between probability snapshots",
+    "checkpoint_every": "steps between checkpoints",
+}
+
+
+def _pg_args(group) -> None:
+    """One flag per PGConfig field, so every knob of the search is reachable from the CLI."""
+    from .pg_run import PGConfig
+
+    for f in dataclasses.fields(PGConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f"pg_{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                               help=PG_HELP.get(f.name))
+        else:
+            group.add_argument(flag, dest=f"pg_{f.name}", type=type(f.default), default=f.default,
+                               metavar=f.name.upper(), help=f"{PG_HELP.get(f.name, '')} (default {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune, slice and save a model")
     _model_args(p)
     p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters to remove, in (0, 1)")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of decoder-linear parameters to remove, in (0, 1)")
     p.add_argument("--granularity", default="kv_group", help=f"one of {', '.join(GRANULARITIES)}")
     p.add_argument("--data", default="brown", help="calibration corpus (methods that use data)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-windows", type=int, default=128, help="calibration windows for metric scores")
     p.add_argument("--out", required=True, help="directory for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty directory pruner did not write")
+    p.add_argument("--run-dir", default=None, help="policy gradient: checkpoint folder (default OUT/run)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="policy gradient: continue the run checkpointed in DIR with its own settings")
     p.add_argument("--json", action="store_true")
+    _pg_args(p.add_argument_group("policy gradient (--method pg)"))
 
     p = sub.add_parser("generate", help="greedy generation from a prompt")
     _model_args(p)
@@ -121,14 +156,37 @@ def cmd_eval(args) -> dict:
     return result | {"data": args.data, "split": args.split, "model": args.model}
 
 
+def prune_config_from_args(args):
+    """A PruneConfig from the flags, or, with --resume, from the run's checkpointed settings."""
+    from .models import RUN_SUBDIR
+    from .pg_run import PGConfig, read_settings
+    from .prune import PruneConfig
+
+    if args.resume:
+        settings = read_settings(Path(args.resume))
+        args.model = settings["model"]
+        return PruneConfig(method="pg", ratio=settings["ratio"], granularity=settings["granularity"],
+                           data=settings["data"], seed=settings["seed"], calib_windows=settings["calib_windows"],
+                           pg=PGConfig(**settings["pg"]), run_dir=args.resume).validate()
+    if args.ratio is None:
+        raise PrunerError("--ratio is required: the fraction of decoder-linear parameters to remove, e.g. --ratio 0.3")
+    pg = PGConfig(**{f.name: getattr(args, f"pg_{f.name}") for f in dataclasses.fields(PGConfig)})
+    run_dir = args.run_dir or str(Path(args.out) / RUN_SUBDIR)
+    return PruneConfig(method=args.method, ratio=args.ratio, granularity=args.granularity, data=args.data,
+                       seed=args.seed, calib_windows=args.calib_windows, pg=pg,
+                       run_dir=run_dir if args.method == "pg" else None).validate()
+
+
 def cmd_prune(args) -> dict:
     from .models import prepare_output_dir, save_pruned
-    from .prune import PruneConfig, prune
+    from .prune import prune
 
-    config = PruneConfig(method=args.method, ratio=args.ratio, granularity=args.granularity,
-                         data=args.data, seed=args.seed).validate()
+    config = prune_config_from_args(args)
     out = Path(args.out)
     prepare_output_dir(out, args.overwrite)
+    if config.run_dir:
+        print(f"checkpoints in {config.run_dir}: continue an interrupted run with --resume {config.run_dir}",
+              file=sys.stderr)
     loaded = _load(args)
     pruned, _, report = prune(loaded, config)
     save_pruned(pruned, loaded.tokenizer, out, report, overwrite=args.overwrite)

@@ -183,11 +183,19 @@ def load_pruned(path: Path, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+RUN_SUBDIR = "run"  # a policy-gradient run's checkpoints inside an output directory
+
+
+def is_ours(path: Path) -> bool:
+    """A directory this library wrote: a pruned model, or a run's checkpoints."""
+    return is_pruned_dir(path) or (path / RUN_SUBDIR / "status.json").is_file()
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to replace a non-empty directory that this library did not write, unless overwrite."""
     if out.exists() and not out.is_dir():
         raise PrunerError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_pruned_dir(out) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not is_ours(out) and not overwrite:
         raise PrunerError(f"{out} exists, is not empty and was not written by pruner: choose another --out or pass --overwrite")
 
 
@@ -195,7 +203,8 @@ def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = No
     """Write safetensors weights, config (with `pruner_layout`), tokenizer and report.json.
 
     Written to a temporary sibling directory, then moved into place: an interrupted save
-    leaves any earlier content of `out` intact and nothing half-written.
+    leaves any earlier content of `out` intact and nothing half-written. A run's checkpoint
+    folder (`run/`) inside `out` is carried over.
     """
     out = Path(out)
     prepare_output_dir(out, overwrite)
@@ -207,6 +216,8 @@ def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = No
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if (out / RUN_SUBDIR).is_dir():
+            (out / RUN_SUBDIR).rename(tmp / RUN_SUBDIR)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -61,7 +61,7 @@ class PGConfig:
     init_const: float = 0.9
     penalty: float = 0.0  # lambda_0 of the log-odds penalty, decayed with the lr schedule
     prob_floor: float = 0.01  # s stays in [floor, 1 - floor] (budget kept exactly); 0 = reference
-    forward_dtype: str = "auto"  # bf16 autocast on CPU/GPU ("auto"), or "fp32"
+    forward_dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     eval_every: int = 40
     eval_windows: int = 16
     snapshot_every: int = 10
@@ -246,8 +246,11 @@ class PGRun:
 
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
+        """bf16 autocast for "bf16", and for "auto" on CUDA; CPU bf16 matmuls were several times
+        slower than fp32 on the 2-core machines measured (bench/results/pg_speed.md)."""
         cfg = self.config
-        if cfg.forward_dtype == "fp32" or next(self.model.parameters()).dtype != torch.float32:
+        use_bf16 = cfg.forward_dtype == "bf16" or (cfg.forward_dtype == "auto" and self.device.type == "cuda")
+        if not use_bf16 or next(self.model.parameters()).dtype != torch.float32:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -457,11 +460,20 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None) 
     valid = eval_windows(tokenize(loaded.tokenizer, load_text(config.data, "validation")), pg.seqlen, pg.eval_windows)
     init_scores = None if pg.init == "random" else metric_scores(loaded, space, config, pg.init_metric)
     settings = {"model": loaded.spec, "method": "pg", "ratio": config.ratio, "granularity": config.granularity,
-                "data": config.data, "seed": config.seed, "pg": dataclasses.asdict(pg)}
+                "data": config.data, "seed": config.seed, "calib_windows": config.calib_windows,
+                "pg": dataclasses.asdict(pg)}
     run = PGRun(loaded.model, loaded.adapter, space, config.ratio, pg, config.seed, blocks, valid,
                 init_scores, run_dir, settings)
     run.load_checkpoint()
     return run
+
+
+def read_settings(run_dir: Path) -> dict:
+    """The settings a run was started with (model, ratio, granularity, data, seed, pg knobs)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise PrunerError(f"no checkpoint at {path}: nothing to resume")
+    return torch.load(path, weights_only=False)["settings"]
 
 
 def metric_scores(loaded, space: PruningSpace, config, metric: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -479,7 +491,7 @@ def run_pg_to_completion(loaded, space: PruningSpace, config, run_dir: Path | No
 
     from .methods import Selection
 
-    run = build_run(loaded, space, config, run_dir or getattr(config, "run_dir", None))
+    run = build_run(loaded, space, config, run_dir or config.run_dir)
     bar = tqdm(total=run.config.steps, initial=run.step, desc="policy gradient", unit="step")
 
     def progress(record):
