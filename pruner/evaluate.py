@@ -11,13 +11,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 
+def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
+    """Next-token cross-entropy in fp32: logits (B, T, V), ids (B, T) -> (B, T-1)."""
+    b, t, v = logits.shape
+    flat = logits[:, :-1].reshape(-1, v).float()  # row-major: cross_entropy's fast path
+    return F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none").view(b, t - 1)
+
+
 @torch.no_grad()
 def window_losses(model: nn.Module, windows: Tensor) -> Tensor:
     """Mean next-token cross-entropy of each sequence in `windows` (B, T) -> (B,), in fp32."""
     ids = windows.to(next(model.parameters()).device)
-    logits = model(ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    return nll.mean(1)
+    return token_nll(model(ids, use_cache=False).logits, ids).mean(1)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ def _scale_input(channel_mask: Tensor):
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        m = channel_mask.to(device=x.device, dtype=x.dtype)
+        m = channel_mask if channel_mask.dtype == x.dtype else channel_mask.to(x.dtype)
         if m.dim() == 2:
             if m.shape[0] != x.shape[0]:
                 raise ValueError(f"a batched mask has {m.shape[0]} rows for a batch of {x.shape[0]} sequences")
@@ -46,15 +46,16 @@ def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask |
     Example: `with masked(model, adapter, space, mask): logits = model(ids).logits`.
     """
     handles = []
+    device = next(model.parameters()).device
     try:
         if mask is not None:
             for l in range(space.n_layers):
                 attn, mlp = adapter.attention(model, l), adapter.mlp(model, l)
                 if hasattr(attn, "o_proj") and mask.heads[l].shape[-1]:
-                    m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l))
+                    m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l)).to(device)
                     handles.append(attn.o_proj.register_forward_pre_hook(_scale_input(m)))
                 if hasattr(mlp, "down_proj") and mask.channels[l].shape[-1]:
-                    m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l))
+                    m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l)).to(device)
                     handles.append(mlp.down_proj.register_forward_pre_hook(_scale_input(m)))
         yield model
     finally:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import pg_math
@@ -50,7 +49,7 @@ class PGConfig:
     samples: int = 2  # K masks per step
     batch_size: int = 4  # sequences per mask
     seqlen: int = 128
-    lr: float = 0.05
+    lr: float = 0.01  # best of 0.01 / 0.05 / 0.2 on the embedded model (bench/results/pg_tuning_*.md)
     window: int = 5  # T of the moving-average baseline
     use_baseline: bool = True
     estimator: str = "reference"  # or "exact"
@@ -257,6 +256,7 @@ class PGRun:
     @torch.no_grad()
     def sample_losses(self, masks: Tensor, batch: Tensor) -> Tensor:
         """Losses of K masks (K, N_units) on one batch (B, T), in one forward of K*B sequences."""
+        from .evaluate import token_nll
         from .masking import stack_masks
 
         k, b = masks.shape[0], batch.shape[0]
@@ -264,8 +264,8 @@ class PGRun:
         per_mask = [self.space.unflatten(m[:n_h], m[n_h:]) for m in masks]
         ids = batch.to(self.device).repeat(k, 1)
         with self._autocast(), masked(self.model, self.adapter, self.space, stack_masks(per_mask, repeats=b)):
-            logits = self.model(ids, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)  # (K*B,)
+            logits = self.model(ids, use_cache=False).logits
+        nll = token_nll(logits, ids).mean(1)  # (K*B,)
         return nll.view(k, b).mean(1).double().cpu()
 
     def batch_at(self, step: int) -> Tensor:
