@@ -52,34 +52,30 @@ def magnitude_scores(loaded: LoadedModel, space: PruningSpace) -> tuple[list[Ten
 
 
 @torch.no_grad()
+def column_scores(loaded: LoadedModel, space: PruningSpace, stats, channel_score, stat: str,
+                  reduce: str) -> tuple[list[Tensor], list[Tensor]]:
+    """Scores of o_proj/down_proj input columns, `channel_score(W, stats.<stat>)`, grouped into units."""
+    attn_stats, mlp_stats = stats
+    heads, channels = [], []
+    for l, s in enumerate(space.shapes):
+        o = loaded.adapter.attention(loaded.model, l).o_proj.weight
+        down = loaded.adapter.mlp(loaded.model, l).down_proj.weight
+        per_ch = channel_score(o, getattr(attn_stats[l], stat).to(o.device)).cpu()
+        heads.append(group_channels(per_ch, s.head_dim, s.group_size, space.granularity, reduce=reduce))
+        ch = channel_score(down, getattr(mlp_stats[l], stat).to(down.device)).cpu()
+        channels.append(ch.sum().view(1) if space.granularity == "block" else ch)
+    return heads, channels
+
+
 def wanda_sp_scores(loaded: LoadedModel, space: PruningSpace, stats) -> tuple[list[Tensor], list[Tensor]]:
     """Wanda-sp on o_proj/down_proj columns: mean_i |W_ij| * ||X_j||; a head sums its channels,
     a kv group averages its query heads."""
-    attn_stats, mlp_stats = stats
-    heads, channels = [], []
-    for l, s in enumerate(space.shapes):
-        o = loaded.adapter.attention(loaded.model, l).o_proj.weight
-        down = loaded.adapter.mlp(loaded.model, l).down_proj.weight
-        per_ch = wanda_sp_channel_scores(o, attn_stats[l].l2.to(o.device)).cpu()
-        heads.append(group_channels(per_ch, s.head_dim, s.group_size, space.granularity, reduce="mean"))
-        ch = wanda_sp_channel_scores(down, mlp_stats[l].l2.to(down.device)).cpu()
-        channels.append(ch.sum().view(1) if space.granularity == "block" else ch)
-    return heads, channels
+    return column_scores(loaded, space, stats, wanda_sp_channel_scores, "l2", reduce="mean")
 
 
-@torch.no_grad()
 def flap_scores(loaded: LoadedModel, space: PruningSpace, stats) -> tuple[list[Tensor], list[Tensor]]:
     """FLAP fluctuation per unit: Var(X_j) ||W[:, j]||^2 summed over the unit's channels."""
-    attn_stats, mlp_stats = stats
-    heads, channels = [], []
-    for l, s in enumerate(space.shapes):
-        o = loaded.adapter.attention(loaded.model, l).o_proj.weight
-        down = loaded.adapter.mlp(loaded.model, l).down_proj.weight
-        per_ch = flap_channel_scores(o, attn_stats[l].var.to(o.device)).cpu()
-        heads.append(group_channels(per_ch, s.head_dim, s.group_size, space.granularity, reduce="sum"))
-        ch = flap_channel_scores(down, mlp_stats[l].var.to(down.device)).cpu()
-        channels.append(ch.sum().view(1) if space.granularity == "block" else ch)
-    return heads, channels
+    return column_scores(loaded, space, stats, flap_channel_scores, "var", reduce="sum")
 
 
 def standardized_per_kind(heads: list[Tensor], channels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
