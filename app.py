@@ -1,8 +1,25 @@
+"""Pruner Studio: structural pruning of LLMs, watched live. `make app` opens it on localhost."""
+
 import streamlit as st
 
-from pruner.adapters import supported_architectures
+from pages.common import choices, studio
 
-st.set_page_config(page_title="Pruner Studio")
-st.title("Pruner Studio")
-st.write("Structural pruning of LLMs. Supported architectures: " + ", ".join(supported_architectures()))
-st.write("Use the CLI: `.venv/bin/python -m pruner --help`. The full studio is in progress.")
+st.set_page_config(page_title="Pruner Studio", page_icon="✂️", layout="wide")
+
+PAGES = [
+    st.Page("pages/model.py", title="Model & data", icon="🧩", url_path="model", default=True),
+    st.Page("pages/prune.py", title="Prune", icon="✂️", url_path="prune"),
+    st.Page("pages/compare.py", title="Compare", icon="⚖️", url_path="compare"),
+    st.Page("pages/whatif.py", title="What-if", icon="🎚️", url_path="whatif"),
+    st.Page("pages/runs.py", title="Runs", icon="🗂️", url_path="runs"),
+]
+
+page = st.navigation(PAGES)
+c = choices()
+with st.sidebar:
+    st.caption(f"Model **{c['model_spec']}** · corpus **{c['data']}** · device {c['device']} · dtype {c['dtype']}")
+    active = studio().active()
+    if active is not None:
+        step, steps = active.progress()
+        st.caption(f"Run `{active.id}`: {active.status}, step {step} / {steps}")
+page.run()

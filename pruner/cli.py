@@ -112,34 +112,9 @@ def cmd_setup(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from .evaluate import total_params
-    from .space import PruningSpace, check_granularity
+    from .models import model_summary
 
-    check_granularity(args.granularity)
-    loaded = _load(args)
-    space = PruningSpace.from_model(loaded.model, loaded.adapter, args.granularity)
-    shapes = space.shapes
-
-    def one_or_list(values):
-        return values[0] if len(set(values)) == 1 else values
-
-    return {
-        "model": args.model,
-        "architecture": loaded.adapter.name,
-        "model_class": type(loaded.model).__name__,
-        "layers": space.n_layers,
-        "hidden_size": space.hidden,
-        "heads": one_or_list([s.n_q for s in shapes]),
-        "kv_heads": one_or_list([s.n_kv for s in shapes]),
-        "head_dim": shapes[0].head_dim,
-        "intermediate_size": one_or_list([s.d_ff for s in shapes]),
-        "total_params": total_params(loaded.model),
-        "decoder_linear_params": space.decoder_linear_params(),
-        "units": space.describe() | {"head_unit_cost": one_or_list(space.describe()["head_unit_cost"]),
-                                      "channel_unit_cost": one_or_list(space.describe()["channel_unit_cost"])},
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).replace("torch.", ""),
-    }
+    return model_summary(_load(args), args.granularity) | {"model": args.model}
 
 
 def cmd_eval(args) -> dict:
@@ -160,14 +135,12 @@ def prune_config_from_args(args):
     """A PruneConfig from the flags, or, with --resume, from the run's checkpointed settings."""
     from .models import RUN_SUBDIR
     from .pg_run import PGConfig, read_settings
-    from .prune import PruneConfig
+    from .prune import PruneConfig, config_from_run
 
     if args.resume:
-        settings = read_settings(Path(args.resume))
-        args.model = settings["model"]
-        return PruneConfig(method="pg", ratio=settings["ratio"], granularity=settings["granularity"],
-                           data=settings["data"], seed=settings["seed"], calib_windows=settings["calib_windows"],
-                           pg=PGConfig(**settings["pg"]), run_dir=args.resume).validate()
+        config = config_from_run(Path(args.resume))
+        args.model = read_settings(Path(args.resume))["model"]
+        return config
     if args.ratio is None:
         raise PrunerError("--ratio is required: the fraction of decoder-linear parameters to remove, e.g. --ratio 0.3")
     pg = PGConfig(**{f.name: getattr(args, f"pg_{f.name}") for f in dataclasses.fields(PGConfig)})

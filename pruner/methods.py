@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -26,13 +27,23 @@ class Selection:
     extra: dict = field(default_factory=dict)
 
 
+_STATS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def calibration_stats(loaded: LoadedModel, config) -> tuple[list[InputStats], list[InputStats]]:
-    """Input statistics of o_proj/down_proj over the config's calibration windows (train split)."""
+    """Input statistics of o_proj/down_proj over the config's calibration windows (train split).
+
+    Remembered per model object and calibration setting (models are never modified in place),
+    so pruning the same model again at another ratio costs no forward passes."""
     from .windows import calibration_windows
 
-    windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows,
-                                  config.calib_seqlen, config.seed)
-    return collect_input_stats(loaded.model, loaded.adapter, windows, progress=True)
+    key = (config.data, config.calib_windows, config.calib_seqlen, config.seed)
+    per_model = _STATS_CACHE.setdefault(loaded.model, {})
+    if key not in per_model:
+        windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows,
+                                      config.calib_seqlen, config.seed)
+        per_model[key] = collect_input_stats(loaded.model, loaded.adapter, windows, progress=True)
+    return per_model[key]
 
 
 @torch.no_grad()

@@ -229,3 +229,33 @@ def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def model_summary(loaded: LoadedModel, granularity: str = "kv_group") -> dict:
+    """Architecture, head/channel counts, parameter counts and the prunable units with their costs.
+    A value that is the same in every layer is given once, else as a per-layer list."""
+    from .evaluate import total_params
+    from .space import PruningSpace, check_granularity
+
+    space = PruningSpace.from_model(loaded.model, loaded.adapter, check_granularity(granularity))
+    shapes, units = space.shapes, space.describe()
+
+    def one_or_list(values):
+        return values[0] if len(set(values)) == 1 else values
+
+    return {
+        "architecture": loaded.adapter.name,
+        "model_class": type(loaded.model).__name__,
+        "layers": space.n_layers,
+        "hidden_size": space.hidden,
+        "heads": one_or_list([s.n_q for s in shapes]),
+        "kv_heads": one_or_list([s.n_kv for s in shapes]),
+        "head_dim": shapes[0].head_dim,
+        "intermediate_size": one_or_list([s.d_ff for s in shapes]),
+        "total_params": total_params(loaded.model),
+        "decoder_linear_params": space.decoder_linear_params(),
+        "units": units | {"head_unit_cost": one_or_list(units["head_unit_cost"]),
+                          "channel_unit_cost": one_or_list(units["channel_unit_cost"])},
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+    }

@@ -16,7 +16,6 @@ history that a UI can poll; it checkpoints atomically every N steps and resumes 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -31,6 +30,7 @@ from torch import Tensor
 from . import pg_math
 from .errors import PrunerError
 from .masking import masked
+from .paths import write_json_atomically
 from .space import Mask, PruningSpace
 
 CHECKPOINT = "checkpoint.pt"
@@ -353,11 +353,9 @@ class PGRun:
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"status": self.status, "step": self.step, "steps": self.config.steps, "ratio": self.ratio,
-                "settings": self.settings, "error": self.error, "updated": time.time()}
-        tmp = self.run_dir / f".{STATUS}.tmp"
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.run_dir / STATUS)
+        write_json_atomically(self.run_dir / STATUS, {
+            "status": self.status, "step": self.step, "steps": self.config.steps, "ratio": self.ratio,
+            "settings": self.settings, "error": self.error, "updated": time.time()})
 
     def load_checkpoint(self) -> bool:
         """Continue from run_dir's checkpoint if there is one; True if loaded."""
@@ -414,20 +412,23 @@ class PGRun:
             self.write_status()
             raise
 
-    def start(self) -> threading.Thread:
-        """Run in a background thread (daemon); returns it."""
+    def start(self, on_exit=None) -> threading.Thread:
+        """Run (or continue after a stop) in a background daemon thread; `on_exit(self)` is called
+        in that thread when the loop ends (finished, stopped or failed). Returns the thread."""
         if self._thread and self._thread.is_alive():
             raise PrunerError("this run is already running")
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run_quietly, name="pg-run", daemon=True)
+        self._thread = threading.Thread(target=self._run_quietly, args=(on_exit,), name="pg-run", daemon=True)
         self._thread.start()
         return self._thread
 
-    def _run_quietly(self) -> None:
+    def _run_quietly(self, on_exit) -> None:
         try:
             self.run()
         except Exception:  # noqa: BLE001 - recorded in status/error by run()
             pass
+        if on_exit:
+            on_exit(self)
 
     def pause(self) -> None:
         self._pause.set()

@@ -11,7 +11,7 @@ from .errors import PrunerError
 from .evaluate import total_params
 from .methods import METHODS, Selection
 from .models import LoadedModel
-from .pg_run import PGConfig
+from .pg_run import PGConfig, read_settings
 from .selection import achieved_ratio
 from .slicing import add_output_bias, record_layout, sliced_copy
 from .space import Mask, PruningSpace, check_granularity, check_ratio
@@ -41,6 +41,14 @@ class PruneConfig:
         if self.method == "pg":
             self.pg.validate()
         return self
+
+
+def config_from_run(run_dir) -> PruneConfig:
+    """The PruneConfig a policy-gradient run was started with, from its checkpoint (to resume it)."""
+    settings = read_settings(run_dir)
+    return PruneConfig(method="pg", ratio=settings["ratio"], granularity=settings["granularity"],
+                       data=settings["data"], seed=settings["seed"], calib_windows=settings["calib_windows"],
+                       pg=PGConfig(**settings["pg"]), run_dir=str(run_dir)).validate()
 
 
 def per_layer_report(space: PruningSpace, mask: Mask) -> list[dict]:

@@ -1,0 +1,276 @@
+"""Runs as the studio sees them: one heavy job at a time in a background thread, every run on disk.
+
+A run directory (under `paths.runs_dir()`) holds
+    status.json     status, step, settings, error (written atomically, read by the Runs page)
+    checkpoint.pt   policy-gradient state (resumable)
+    model/          the pruned model and its report.json, written when a run finishes or stops
+Jobs work on a private copy of the model: the cached model that pages read is never hooked or
+modified. Nothing here touches Streamlit; pages only read a job's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PrunerError
+from .models import REPORT_FILE, LoadedModel, save_pruned
+from .paths import runs_dir, write_json_atomically
+from .pg_run import CHECKPOINT, STATUS, PGRun, RunHistory, build_run
+from .prune import PruneConfig, config_from_run, prune
+from .space import PruningSpace
+
+MODEL_SUBDIR = "model"
+LIVE = ("created", "loading", "running", "paused")
+
+
+def new_run_id(config: PruneConfig) -> str:
+    """Sortable and readable: 20261122-014501-pg-r30-1a2b."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-r{round(config.ratio * 100):02d}-{uuid.uuid4().hex[:4]}"
+
+
+def private_copy(loaded: LoadedModel) -> LoadedModel:
+    """The same model in new memory, so hooks and pruning never touch the shared one."""
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+
+
+class Job:
+    """One run of any method in a background thread, with a status the pages can poll.
+
+    For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
+    ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
+    """
+
+    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig):
+        self.id, self.dir, self.loaded, self.config = run_id, Path(run_dir), loaded, config
+        self.pg: PGRun | None = None
+        self._status = "created"
+        self.error: str | None = None
+        self.report: dict | None = None
+        self.started = time.time()
+        self._thread: threading.Thread | None = None
+        self._stop_asked = False
+
+    # -- state read by pages ------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        if self.pg is not None and self._status in ("running", "paused"):
+            return self.pg.status if self.pg.status != "created" else "running"
+        return self._status
+
+    @property
+    def is_alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def history(self) -> dict:
+        return self.pg.history.read() if self.pg else RunHistory().read()
+
+    def progress(self) -> tuple[int, int]:
+        if self.pg:
+            return self.pg.step, self.pg.config.steps
+        return (1, 1) if self._status == "finished" else (0, 1)
+
+    def info(self) -> dict:
+        step, steps = self.progress()
+        return {"id": self.id, "dir": str(self.dir), "status": self.status, "step": step, "steps": steps,
+                "settings": settings_of(self.config, self.loaded.spec), "error": self.error,
+                "has_model": (self.dir / MODEL_SUBDIR / REPORT_FILE).is_file(), "updated": time.time()}
+
+    # -- control --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin (or continue after a stop) in a daemon thread."""
+        if self.is_alive:
+            raise PrunerError(f"run {self.id} is already going")
+        self._status, self.error, self._stop_asked = "loading", None, False
+        self._write_status()
+        self._thread = threading.Thread(target=self._work, name=f"job-{self.id}", daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        if self.pg:
+            self.pg.pause()
+
+    def resume(self) -> None:
+        if self.pg:
+            self.pg.resume()
+
+    def stop(self) -> None:
+        self._stop_asked = True  # also honoured when asked before the loop has started
+        if self.pg:
+            self.pg.stop()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    # -- the work -------------------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            if self.config.method == "pg":
+                self._run_pg()
+            else:
+                self._status = "running"
+                self._write_status()
+                pruned, _, report = prune(self.loaded, self.config)
+                self._save(pruned, report)
+                self._status = "finished"
+        except Exception as exc:  # noqa: BLE001 - a failed run keeps its traceback for the Runs page
+            self._status = "failed"
+            self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
+        self._write_status()
+
+    def _run_pg(self) -> None:
+        if self.pg is None:
+            space = PruningSpace.from_model(self.loaded.model, self.loaded.adapter, self.config.granularity)
+            self.pg = build_run(self.loaded, space, self.config, self.dir)
+        self._status = self.pg.status = "running"
+        self.pg.resume()  # a pause left over from before a stop does not carry into the new thread
+        thread = self.pg.start()
+        if self._stop_asked:
+            self.pg.stop()
+        thread.join()
+        if self.pg.status == "failed":
+            raise RuntimeError(self.pg.error)
+        self._status = self.pg.status  # finished or stopped
+        run = self.pg
+        pruned, _, report = prune(self.loaded, self.config, method=lambda *_: selection_of(run))
+        self._save(pruned, report)
+
+    def _save(self, pruned, report: dict) -> None:
+        self.report = report
+        save_pruned(pruned, self.loaded.tokenizer, self.dir / MODEL_SUBDIR, report, overwrite=True)
+
+    def _write_status(self) -> None:
+        info = self.info()
+        if self.pg:  # the PG loop writes its own status; keep its fields, add ours
+            info["step"], info["steps"] = self.pg.step, self.pg.config.steps
+        write_json_atomically(self.dir / STATUS, info)
+
+
+def selection_of(run: PGRun):
+    """The hard mask of a run's current probabilities, as a method Selection."""
+    from .methods import Selection
+
+    history = run.history.read()
+    return Selection(run.current_mask(), extra={"pg": {
+        "steps": run.step, "validation_ppl": history["evals"], "run_dir": str(run.run_dir),
+        "final_loss_mean": history["steps"][-1]["loss_mean"] if history["steps"] else None}})
+
+
+def settings_of(config: PruneConfig, model_spec: str) -> dict:
+    return {"model": model_spec, **dataclasses.asdict(config)}
+
+
+class Studio:
+    """Every run of this process plus those on disk; at most one heavy job at a time."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else runs_dir()
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def active(self) -> Job | None:
+        with self._lock:
+            return next((j for j in self.jobs.values() if j.is_alive), None)
+
+    def _refuse_if_busy(self) -> None:
+        busy = self.active()
+        if busy is not None:
+            raise PrunerError(f"run {busy.id} is still going ({busy.status}); stop it or wait for it "
+                              "before starting another: one heavy run at a time")
+
+    def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
+        """Start a new run of `config` on a private copy of `loaded`."""
+        config = dataclasses.replace(config, run_dir=None).validate()
+        self._refuse_if_busy()
+        run_id = new_run_id(config)
+        job = Job(run_id, self.root / run_id, private_copy(loaded), config)
+        with self._lock:
+            self.jobs[run_id] = job
+        job.start()
+        return job
+
+    def get(self, run_id: str) -> Job | None:
+        with self._lock:
+            return self.jobs.get(run_id)
+
+    def resume(self, run_id: str, load) -> Job:
+        """Continue a stopped or interrupted policy-gradient run from its checkpoint.
+        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache)."""
+        self._refuse_if_busy()
+        job = self.get(run_id)
+        if job is None:
+            run_dir = self.root / run_id
+            if not (run_dir / CHECKPOINT).is_file():
+                raise PrunerError(f"run {run_id} has no checkpoint to resume from")
+            config = config_from_run(run_dir)
+            spec = read_status(run_dir).get("settings", {}).get("model", "embedded")
+            job = Job(run_id, run_dir, private_copy(load(spec)), config)
+            with self._lock:
+                self.jobs[run_id] = job
+        if job.config.method != "pg":
+            raise PrunerError(f"run {run_id} is a {job.config.method} run: only policy-gradient runs resume")
+        if job.pg is not None and job.pg.step >= job.pg.config.steps:
+            raise PrunerError(f"run {run_id} has finished all its steps")
+        job.start()
+        return job
+
+    def runs(self) -> list[dict]:
+        """Every run directory, newest first, live jobs with their live state. A run whose
+        status says it was going but that no job of this process holds was interrupted."""
+        out = []
+        if self.root.is_dir():
+            for path in sorted(self.root.iterdir(), reverse=True):
+                if not (path / STATUS).is_file():
+                    continue
+                job = self.get(path.name)
+                if job is not None:
+                    info = job.info()
+                else:
+                    info = read_status(path) | {"id": path.name, "dir": str(path),
+                                                "has_model": (path / MODEL_SUBDIR / REPORT_FILE).is_file()}
+                    if info.get("status") in LIVE:
+                        info["status"] = "interrupted"
+                out.append(info)
+        return out
+
+    def delete(self, run_id: str) -> None:
+        job = self.get(run_id)
+        if job is not None and job.is_alive:
+            raise PrunerError(f"run {run_id} is still going: stop it before deleting it")
+        path = self.root / run_id
+        if not (path / STATUS).is_file():
+            raise PrunerError(f"no run {run_id} in {self.root}")
+        shutil.rmtree(path)
+        with self._lock:
+            self.jobs.pop(run_id, None)
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"status": "unknown"}
+
+
+def saved_history(run_dir: Path) -> dict:
+    """History of a run that no job holds (from its checkpoint), for reopening its charts."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return RunHistory().read()
+    return torch.load(path, weights_only=False)["history"]
+
+
+def saved_report(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / MODEL_SUBDIR / REPORT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,103 @@
+"""Data shaped for the studio's charts and exports: plain tensors, rows and bytes, no UI code.
+
+Heatmaps: a snapshot holds, per layer, the keep probability of every head unit and every MLP
+channel unit. Heads fit as they are (layers x units). Channels are too many to read (e.g.
+30 x 1536), so each layer's probabilities are sorted in decreasing order and averaged in
+`bins` equal slices: row l, column b is the mean keep probability of the b-th slice of layer
+l's channels, most kept first, so a row's profile shows how many channels the layer keeps.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import torch
+from torch import Tensor
+
+
+def padded_rows(rows: list[Tensor]) -> Tensor:
+    """(layers, max units) with NaN where a layer has fewer units (e.g. sliced or GQA-mixed)."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), float("nan"))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r.float()
+    return out
+
+
+def sorted_bins(probs: Tensor, bins: int) -> Tensor:
+    """Mean of `bins` consecutive slices of `probs` sorted in decreasing order -> (bins,)."""
+    if probs.numel() == 0:
+        return torch.full((bins,), float("nan"))
+    ordered = probs.float().sort(descending=True).values
+    edges = torch.linspace(0, ordered.numel(), bins + 1).round().long()
+    return torch.stack([ordered[a:max(b, a + 1)].mean() for a, b in zip(edges[:-1], edges[1:])])
+
+
+def heads_matrix(snapshot: dict) -> Tensor:
+    """Keep probabilities, layers x head units."""
+    return padded_rows(snapshot["heads"])
+
+
+def channels_matrix(snapshot: dict, bins: int = 64) -> Tensor:
+    """Keep probabilities, layers x `bins` sorted slices of MLP channel units."""
+    rows = [sorted_bins(c, min(bins, max(1, c.numel()))) for c in snapshot["channels"]]
+    return padded_rows(rows)
+
+
+def loss_rows(steps: list[dict]) -> list[dict]:
+    """One row per (step, sample): for a scatter of the K sample losses."""
+    return [{"step": r["step"], "sample": j, "loss": x} for r in steps for j, x in enumerate(r["losses"])]
+
+
+CURVE_FIELDS = ("step", "loss_mean", "baseline", "grad_variance", "lr", "expected_kept_fraction",
+                "target_kept_fraction", "heads_mean", "heads_entropy", "channels_mean", "channels_entropy",
+                "tokens_per_s", "step_time_s")
+
+
+def curves_csv(steps: list[dict]) -> str:
+    """The per-step history as CSV (the K losses as loss_0..loss_{K-1})."""
+    k = max((len(r["losses"]) for r in steps), default=0)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*CURVE_FIELDS, *[f"loss_{j}" for j in range(k)]])
+    for r in steps:
+        writer.writerow([r.get(f) for f in CURVE_FIELDS] + list(r["losses"]) + [None] * (k - len(r["losses"])))
+    return out.getvalue()
+
+
+def eta_seconds(steps: list[dict], done: int, total: int, window: int = 20) -> float | None:
+    """Remaining steps times the mean duration of the last `window` steps."""
+    recent = [r["step_time_s"] for r in steps[-window:]]
+    if not recent or done >= total:
+        return None if not recent else 0.0
+    return (total - done) * sum(recent) / len(recent)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def heatmap_png(matrix: Tensor, title: str, xlabel: str) -> bytes:
+    """A layers x units heatmap as PNG bytes (matplotlib, viridis, 0..1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.18 * matrix.shape[0] + 1.5))
+    image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="keep probability")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,153 @@
+"""Every studio page in-process with Streamlit's AppTest: widgets, state and errors."""
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 600
+
+
+@pytest.fixture(autouse=True)
+def runs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNER_RUNS_DIR", str(tmp_path / "runs"))
+    import pages.common as common
+
+    common.studio.clear()  # a fresh run manager on the temporary folder
+    yield tmp_path / "runs"
+    manager = common.studio()
+    if manager.active():
+        manager.active().stop()
+        manager.active().wait(120)
+    common.studio.clear()
+
+
+def page(name: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / name), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption])
+
+
+def by_label(elements, label):
+    return next(e for e in elements if e.label == label)
+
+
+def test_app_navigation_opens_on_the_model_page():
+    at = page("app.py")
+    assert at.title[0].value == "Model & data"
+    assert "embedded" in texts(at)
+
+
+def test_model_page_summary_and_bad_choices():
+    at = page("pages/model.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Layers"] == "30" and metrics["KV heads"] == "3" and metrics["Head dim"] == "64"
+    assert at.dataframe[0].value.shape[0] == 30
+    at.radio[0].set_value("local")
+    at.text_input[0].set_value("/no/such/model")
+    at.button[0].click().run()  # the form's submit button
+    assert any("/no/such/model" in e.value for e in at.error)
+    assert at.session_state["model_spec"] == "embedded"  # nothing changed
+    at.radio[0].set_value("embedded")
+    at.selectbox[0].set_value("text file")
+    at.text_input[1].set_value("/no/such/file.txt")
+    at.button[0].click().run()
+    assert any("file.txt" in e.value for e in at.error)
+
+
+def start_run(at: AppTest, method: str, **numbers) -> AppTest:
+    by_label(at.selectbox, "Method").set_value(method).run()
+    for label, value in numbers.items():
+        by_label(at.number_input, label).set_value(value)
+    by_label(at.button, "Start").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def wait_for_status(at: AppTest, wanted: tuple[str, ...], timeout: float = TIMEOUT) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        at.run()
+        status = next((m.value for m in at.markdown if m.value.split("**")[-2:-1] and "Run `" in m.value), "")
+        for word in wanted:
+            if f"**{word}**" in status:
+                return word
+        time.sleep(0.5)
+    raise AssertionError(f"status never became one of {wanted}: {texts(at)}")
+
+
+def test_prune_page_metric_run_exports_and_one_run_at_a_time():
+    at = page("pages/prune.py")
+    assert [b.label for b in at.button] == ["Start", "Pause", "Resume", "Stop"]
+    start_run(at, "magnitude")
+    run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
+    assert wait_for_status(at, ("finished", "failed")) == "finished"
+    labels = [b.label for b in at.get("download_button")]
+    assert "Report (JSON)" in labels
+    assert any("Pruned model saved" in s.value for s in at.success)
+
+    start_run(at, "pg", Steps=10_000, **{"Batch size": 1, "Sequence length": 16, "Calibration windows": 1})
+    second = at.query_params["run"]
+    assert second != run_id
+    by_label(at.button, "Start").click().run()
+    assert any("one heavy run at a time" in e.value for e in at.error)
+    assert wait_for_status(at, ("running",)) == "running"
+    by_label(at.button, "Stop").click().run()
+    assert wait_for_status(at, ("stopped",)) == "stopped"
+
+    runs = page("pages/runs.py")
+    table = runs.dataframe[0].value
+    assert set(table["status"]) == {"finished", "stopped"} and len(table) == 2
+
+
+def test_prune_page_shows_an_unknown_run_clearly():
+    at = AppTest.from_file(str(ROOT / "pages/prune.py"), default_timeout=TIMEOUT)
+    at.query_params["run"] = "no-such-run"
+    at.run()
+    assert any("no-such-run" in w.value for w in at.warning)
+
+
+def test_compare_page_generates_with_both_models():
+    at = page("pages/prune.py")
+    start_run(at, "magnitude")
+    wait_for_status(at, ("finished",))
+    cmp = page("pages/compare.py")
+    assert "-magnitude-r30-" in by_label(cmp.selectbox, "Pruned model").value
+    by_label(cmp.slider, "New tokens").set_value(8)
+    by_label(cmp.button, "Generate").click().run()
+    assert not cmp.exception, cmp.exception
+    table = cmp.dataframe[0].value
+    assert table.loc["parameters", "pruned / dense"] < 0.9
+    assert list(table.columns) == ["dense", "pruned", "pruned / dense"]
+
+
+def test_whatif_page_prunes_and_sweeps():
+    at = page("pages/whatif.py")
+    by_label(at.selectbox, "Metric").set_value("magnitude").run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["Achieved ratio"]) == pytest.approx(0.3, abs=0.02)
+    assert float(metrics["Perplexity"]) > float(metrics["Dense perplexity"])
+    by_label(at.multiselect, "Methods").set_value(["magnitude"])
+    by_label(at.multiselect, "Ratios").set_value([0.2, 0.4])
+    by_label(at.button, "Run sweep").click().run()
+    assert not at.exception, at.exception
+    assert at.get("plotly_chart")
+
+
+def test_runs_page_empty_then_delete():
+    at = page("pages/runs.py")
+    assert any("No runs yet" in i.value for i in at.info)
+    prune = page("pages/prune.py")
+    start_run(prune, "magnitude")
+    wait_for_status(prune, ("finished",))
+    at = page("pages/runs.py")
+    assert len(at.dataframe[0].value) == 1
+    by_label(at.button, "Delete").click().run()
+    assert any("No runs yet" in i.value for i in at.info)
