@@ -4,14 +4,14 @@ import streamlit as st
 
 from pages.common import choices, studio
 
-st.set_page_config(page_title="Pruner Studio", page_icon="✂️", layout="wide")
+st.set_page_config(page_title="Pruner Studio", layout="wide")
 
 PAGES = [
-    st.Page("pages/model.py", title="Model & data", icon="🧩", url_path="model", default=True),
-    st.Page("pages/prune.py", title="Prune", icon="✂️", url_path="prune"),
-    st.Page("pages/compare.py", title="Compare", icon="⚖️", url_path="compare"),
-    st.Page("pages/whatif.py", title="What-if", icon="🎚️", url_path="whatif"),
-    st.Page("pages/runs.py", title="Runs", icon="🗂️", url_path="runs"),
+    st.Page("pages/model.py", title="Model & data", icon=":material/database:", url_path="model", default=True),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:", url_path="prune"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
 ]
 
 page = st.navigation(PAGES)

@@ -135,8 +135,10 @@ def render(state: dict) -> None:
     if status in ("running", "paused") and not state["live"]:
         status = "interrupted"
     with st.container(key="run_status"):
-        icon = {"running": "🟢", "loading": "⏳", "paused": "⏸️", "stopped": "⏹️", "finished": "✅",
-                "failed": "❌", "interrupted": "⚠️"}.get(status, "•")
+        icon = {"running": ":material/play_circle:", "loading": ":material/hourglass_top:",
+                "paused": ":material/pause_circle:", "stopped": ":material/stop_circle:",
+                "finished": ":material/check_circle:", "failed": ":material/error:",
+                "interrupted": ":material/warning:"}.get(status, "")
         st.markdown(f"{icon} Run `{run_id}` is **{status}**"
                     + (" (loading data and computing the initialisation)" if status == "loading" else "")
                     + (" — press Resume to continue from its checkpoint" if status in ("stopped", "interrupted") else ""))
