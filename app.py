@@ -2,16 +2,16 @@
 
 import streamlit as st
 
-from pages.common import choices, studio
+from app_pages.common import choices, studio
 
 st.set_page_config(page_title="Pruner Studio", layout="wide")
 
 PAGES = [
-    st.Page("pages/model.py", title="Model & data", icon=":material/database:", url_path="model", default=True),
-    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:", url_path="prune"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
-    st.Page("pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
+    st.Page("app_pages/model.py", title="Model & data", icon=":material/database:", url_path="model", default=True),
+    st.Page("app_pages/prune.py", title="Prune", icon=":material/content_cut:", url_path="prune"),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("app_pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+    st.Page("app_pages/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
 ]
 
 page = st.navigation(PAGES)

@@ -29,7 +29,7 @@ from .prune import PruneConfig, config_from_run, prune
 from .space import PruningSpace
 
 MODEL_SUBDIR = "model"
-LIVE = ("created", "loading", "running", "paused")
+LIVE = ("created", "loading", "running", "paused", "saving")
 
 
 def new_run_id(config: PruneConfig) -> str:
@@ -120,6 +120,7 @@ class Job:
                 self._status = "running"
                 self._write_status()
                 pruned, _, report = prune(self.loaded, self.config)
+                self._status = "saving"
                 self._save(pruned, report)
                 self._status = "finished"
         except Exception as exc:  # noqa: BLE001 - a failed run keeps its traceback for the Runs page
@@ -139,10 +140,13 @@ class Job:
         thread.join()
         if self.pg.status == "failed":
             raise RuntimeError(self.pg.error)
-        self._status = self.pg.status  # finished or stopped
+        ended = self.pg.status  # finished or stopped
+        self._status = "saving"
+        self._write_status()
         run = self.pg
         pruned, _, report = prune(self.loaded, self.config, method=lambda *_: selection_of(run))
         self._save(pruned, report)
+        self._status = ended
 
     def _save(self, pruned, report: dict) -> None:
         self.report = report

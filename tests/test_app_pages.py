@@ -13,7 +13,7 @@ TIMEOUT = 600
 @pytest.fixture(autouse=True)
 def runs_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNER_RUNS_DIR", str(tmp_path / "runs"))
-    import pages.common as common
+    import app_pages.common as common
 
     common.studio.clear()  # a fresh run manager on the temporary folder
     yield tmp_path / "runs"
@@ -46,7 +46,7 @@ def test_app_navigation_opens_on_the_model_page():
 
 
 def test_model_page_summary_and_bad_choices():
-    at = page("pages/model.py")
+    at = page("app_pages/model.py")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Layers"] == "30" and metrics["KV heads"] == "3" and metrics["Head dim"] == "64"
     assert at.dataframe[0].value.shape[0] == 30
@@ -84,7 +84,7 @@ def wait_for_status(at: AppTest, wanted: tuple[str, ...], timeout: float = TIMEO
 
 
 def test_prune_page_metric_run_exports_and_one_run_at_a_time():
-    at = page("pages/prune.py")
+    at = page("app_pages/prune.py")
     assert [b.label for b in at.button] == ["Start", "Pause", "Resume", "Stop"]
     start_run(at, "magnitude")
     run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
@@ -102,23 +102,23 @@ def test_prune_page_metric_run_exports_and_one_run_at_a_time():
     by_label(at.button, "Stop").click().run()
     assert wait_for_status(at, ("stopped",)) == "stopped"
 
-    runs = page("pages/runs.py")
+    runs = page("app_pages/runs.py")
     table = runs.dataframe[0].value
     assert set(table["status"]) == {"finished", "stopped"} and len(table) == 2
 
 
 def test_prune_page_shows_an_unknown_run_clearly():
-    at = AppTest.from_file(str(ROOT / "pages/prune.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "app_pages/prune.py"), default_timeout=TIMEOUT)
     at.query_params["run"] = "no-such-run"
     at.run()
     assert any("no-such-run" in w.value for w in at.warning)
 
 
 def test_compare_page_generates_with_both_models():
-    at = page("pages/prune.py")
+    at = page("app_pages/prune.py")
     start_run(at, "magnitude")
     wait_for_status(at, ("finished",))
-    cmp = page("pages/compare.py")
+    cmp = page("app_pages/compare.py")
     assert "-magnitude-r30-" in by_label(cmp.selectbox, "Pruned model").value
     by_label(cmp.slider, "New tokens").set_value(8)
     by_label(cmp.button, "Generate").click().run()
@@ -129,7 +129,7 @@ def test_compare_page_generates_with_both_models():
 
 
 def test_whatif_page_prunes_and_sweeps():
-    at = page("pages/whatif.py")
+    at = page("app_pages/whatif.py")
     by_label(at.selectbox, "Metric").set_value("magnitude").run()
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["Achieved ratio"]) == pytest.approx(0.3, abs=0.02)
@@ -142,12 +142,12 @@ def test_whatif_page_prunes_and_sweeps():
 
 
 def test_runs_page_empty_then_delete():
-    at = page("pages/runs.py")
+    at = page("app_pages/runs.py")
     assert any("No runs yet" in i.value for i in at.info)
-    prune = page("pages/prune.py")
+    prune = page("app_pages/prune.py")
     start_run(prune, "magnitude")
     wait_for_status(prune, ("finished",))
-    at = page("pages/runs.py")
+    at = page("app_pages/runs.py")
     assert len(at.dataframe[0].value) == 1
     by_label(at.button, "Delete").click().run()
     assert any("No runs yet" in i.value for i in at.info)

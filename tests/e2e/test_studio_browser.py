@@ -83,10 +83,13 @@ def test_app_starts_without_console_errors(page, console, screenshot):
 
 def test_studio_full_flow(page, console, screenshot):
     # A deep link on a fresh server: the app's st.navigation must be in charge (the page titles), not
-    # Streamlit's listing of a pages/ folder, which runs the page script without app.py.
-    page.goto("/model")
+    # Streamlit's listing of a pages/ folder, which would run the page script without app.py.
+    page.goto("/runs")
     expect(page.get_by_role("link", name=re.compile("Model & data"))).to_be_visible(timeout=60_000)
     expect(page.get_by_role("link", name=re.compile("What-if"))).to_be_visible()
+    wait_for_app_idle(page)
+    page.goto("/")  # the default page, Model & data
+    expect(page.locator('[data-testid="stMain"]')).to_contain_text("Prunable units", timeout=MODEL_LOAD_S * 1000)
     wait_for_app_idle(page, timeout=MODEL_LOAD_S)
     screenshot("model")
 
@@ -95,7 +98,7 @@ def test_studio_full_flow(page, console, screenshot):
     expect(page.get_by_label("Method", exact=True)).to_have_value("pg", timeout=60_000)
     wait_for_app_idle(page)
     for label, value in [("Steps", 60), ("Batch size", 1), ("Sequence length", 32), ("Snapshot every", 2),
-                         ("Evaluate every", 20)]:
+                         ("Evaluate every", 20), ("Calibration windows", 8)]:
         set_number(page, label, value)
     wait_for_app_idle(page)
     page.get_by_role("button", name="Start", exact=True).click()

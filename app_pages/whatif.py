@@ -3,7 +3,7 @@
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import cached_model, choices, current_model, layers_figure, show_error, studio
+from app_pages.common import cached_model, choices, current_model, layers_figure, show_error, studio
 from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import perplexity
@@ -65,7 +65,7 @@ cols[2].metric("Achieved ratio", f"{result['achieved_ratio']:.3f}")
 cols[3].metric("Pruning time", f"{result['wall_time_s']:.1f} s")
 with st.container(key="whatif_layers"):
     st.plotly_chart(layers_figure(result["per_layer"], f"Per-layer kept fraction ({method}, ratio {ratio:.2f})"),
-                    use_container_width=True)
+                    width="stretch")
 
 st.subheader("Sweep: perplexity vs ratio")
 cols = st.columns([3, 2, 1])
@@ -96,4 +96,4 @@ if cols[2].button("Run sweep", type="primary") or st.session_state.get("sweep_do
                       margin=dict(l=10, r=10, t=30, b=10))
     st.session_state["sweep_done"] = (key, methods, ratios)
     with st.container(key="sweep_chart"):
-        st.plotly_chart(fig, use_container_width=True)
+        st.plotly_chart(fig, width="stretch")

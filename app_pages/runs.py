@@ -5,7 +5,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from pages.common import load_for_run, show_error, studio
+from app_pages.common import load_for_run, show_error, studio
 from pruner.errors import PrunerError
 from pruner.studio import saved_report
 
@@ -29,22 +29,22 @@ for info in runs:
                  "params after (M)": report["params_after"] / 1e6 if report else None,
                  "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("updated", 0)))})
 with st.container(key="runs_table"):
-    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 ids = [info["id"] for info in runs]
 chosen = st.selectbox("Run", ids)
 info = runs[ids.index(chosen)]
 cols = st.columns(3)
-if cols[0].button("Open", type="primary", use_container_width=True):
+if cols[0].button("Open", type="primary", width="stretch"):
     st.query_params["run"] = chosen
-    st.switch_page("pages/prune.py", query_params={"run": chosen})
-if cols[1].button("Resume", use_container_width=True, disabled=info.get("settings", {}).get("method") != "pg"):
+    st.switch_page("app_pages/prune.py", query_params={"run": chosen})
+if cols[1].button("Resume", width="stretch", disabled=info.get("settings", {}).get("method") != "pg"):
     try:
         manager.resume(chosen, load_for_run)
-        st.switch_page("pages/prune.py", query_params={"run": chosen})
+        st.switch_page("app_pages/prune.py", query_params={"run": chosen})
     except PrunerError as exc:
         show_error(exc)
-if cols[2].button("Delete", use_container_width=True):
+if cols[2].button("Delete", width="stretch"):
     try:
         manager.delete(chosen)
         st.rerun()

@@ -4,7 +4,7 @@ import dataclasses
 
 import streamlit as st
 
-from pages.common import (POLL_SECONDS, budget_figure, choices, current_model, heatmap_figure, layers_figure,
+from app_pages.common import (POLL_SECONDS, budget_figure, choices, current_model, heatmap_figure, layers_figure,
                           load_for_run, loss_figure, ppl_figure, report_json, show_error, studio, variance_figure)
 from pruner import views
 from pruner.errors import PrunerError
@@ -74,10 +74,10 @@ job = manager.get(run_id) if run_id else None
 
 # ---- controls -------------------------------------------------------------------------------
 cols = st.columns(4)
-start = cols[0].button("Start", type="primary", use_container_width=True)
-pause = cols[1].button("Pause", use_container_width=True, disabled=job is None)
-resume = cols[2].button("Resume", use_container_width=True, disabled=run_id is None)
-stop = cols[3].button("Stop", use_container_width=True, disabled=job is None)
+start = cols[0].button("Start", type="primary", width="stretch")
+pause = cols[1].button("Pause", width="stretch", disabled=job is None)
+resume = cols[2].button("Resume", width="stretch", disabled=run_id is None)
+stop = cols[3].button("Stop", width="stretch", disabled=job is None)
 
 if start:
     try:
@@ -86,7 +86,8 @@ if start:
         config = PruneConfig(method=method, ratio=float(ratio), granularity=granularity, data=c["data"],
                              seed=int(seed), calib_windows=int(calib_windows), pg=pg)
         job = manager.start(current_model(), config)
-        st.query_params["run"] = run_id = job.id
+        st.query_params["run"] = job.id
+        st.rerun()  # redraw the controls for the new run
     except PrunerError as exc:
         show_error(exc)
 if pause and job is not None:
@@ -96,7 +97,8 @@ if resume and run_id:
         if job is not None and job.is_alive:
             job.resume()
         else:
-            job = manager.resume(run_id, load_for_run)
+            manager.resume(run_id, load_for_run)
+            st.rerun()
     except PrunerError as exc:
         show_error(exc)
 if stop and job is not None:
@@ -136,11 +138,13 @@ def render(state: dict) -> None:
         status = "interrupted"
     with st.container(key="run_status"):
         icon = {"running": ":material/play_circle:", "loading": ":material/hourglass_top:",
+                "saving": ":material/save:",
                 "paused": ":material/pause_circle:", "stopped": ":material/stop_circle:",
                 "finished": ":material/check_circle:", "failed": ":material/error:",
                 "interrupted": ":material/warning:"}.get(status, "")
         st.markdown(f"{icon} Run `{run_id}` is **{status}**"
                     + (" (loading data and computing the initialisation)" if status == "loading" else "")
+                    + (" (slicing and saving the pruned model)" if status == "saving" else "")
                     + (" — press Resume to continue from its checkpoint" if status in ("stopped", "interrupted") else ""))
         if status == "failed" and info.get("error"):
             st.error("The run failed; its traceback is below and on the Runs page.")
@@ -159,32 +163,32 @@ def render(state: dict) -> None:
     if steps:
         cols = st.columns(2)
         with cols[0].container(key="loss_chart"):
-            st.plotly_chart(loss_figure(steps), use_container_width=True)
+            st.plotly_chart(loss_figure(steps), width="stretch")
         with cols[1].container(key="variance_chart"):
-            st.plotly_chart(variance_figure(steps), use_container_width=True)
+            st.plotly_chart(variance_figure(steps), width="stretch")
             st.caption("Variance: mean over units of the variance across the K samples of each unit's "
                        "gradient term (L_j - baseline) * score(m_j, s).")
         cols = st.columns(2)
-        cols[0].plotly_chart(budget_figure(steps), use_container_width=True)
+        cols[0].plotly_chart(budget_figure(steps), width="stretch")
         if evals:
-            cols[1].plotly_chart(ppl_figure(evals), use_container_width=True)
+            cols[1].plotly_chart(ppl_figure(evals), width="stretch")
     if snapshots:
         snap = snapshots[-1]
         heads, chans = views.heads_matrix(snap), views.channels_matrix(snap)
         cols = st.columns(2)
         with cols[0].container(key="heads_heatmap"):
             st.plotly_chart(heatmap_figure(heads, "Keep probability of attention units", "head unit"),
-                            use_container_width=True)
+                            width="stretch")
             st.caption(f"snapshot at step {snap['step']} · one row per layer, one cell per head unit")
         with cols[1].container(key="channels_heatmap"):
             st.plotly_chart(heatmap_figure(chans, "Keep probability of MLP channels (sorted, binned)",
-                                           "channel bin (most kept first)"), use_container_width=True)
+                                           "channel bin (most kept first)"), width="stretch")
             st.caption(f"snapshot at step {snap['step']} · each row sorted, then averaged in 64 bins")
     if state.get("per_layer"):
         with st.container(key="layers_chart"):
             st.plotly_chart(layers_figure(state["per_layer"], "Per-layer kept fraction of the "
                                           + ("current hard mask" if state["live"] else "saved model")),
-                            use_container_width=True)
+                            width="stretch")
 
 
 def exports(state: dict) -> None:

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from pages.common import DEFAULTS, cached_model, choices, show_error
+from app_pages.common import DEFAULTS, cached_model, choices, show_error
 from pruner.adapters import supported_architectures
 from pruner.corpus import CORPORA, load_text
 from pruner.errors import PrunerError

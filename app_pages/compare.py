@@ -5,7 +5,7 @@ import threading
 import pandas as pd
 import streamlit as st
 
-from pages.common import cached_model, choices, current_model, show_error, studio
+from app_pages.common import cached_model, choices, current_model, show_error, studio
 from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import decode_tokens_per_s, generate, perplexity, prefill_latency, total_params
@@ -75,6 +75,6 @@ if go:
     table = pd.DataFrame({"dense": a, "pruned": b})
     table["pruned / dense"] = table["pruned"] / table["dense"]
     with st.container(key="compare_table"):
-        st.dataframe(table.style.format("{:,.3f}"), use_container_width=True)
+        st.dataframe(table.style.format("{:,.3f}"), width="stretch")
     st.caption(f"Measured now on {dense.device} ({c['dtype']}); latency is the median of 5 forwards, "
                "decode speed excludes the prefill. Numbers on a shared machine are noisy: compare ratios.")
