@@ -122,16 +122,23 @@ def wanda_sp(loaded: LoadedModel, space: PruningSpace, config) -> Selection:
 
 def flap(loaded: LoadedModel, space: PruningSpace, config) -> Selection:
     """FLAP: standardised fluctuation scores, one global threshold (adaptive per-layer ratios),
-    then bias compensation W[:, removed] @ mean(X[removed]) on o_proj and down_proj."""
+    then bias compensation (see `bias_compensation`)."""
     stats = calibration_stats(loaded, config)
     heads, channels = flap_scores(loaded, space, stats)
     mask = global_mask(space, *standardized_per_kind(heads, channels), 1.0 - config.ratio)
+    return Selection(mask, bias_compensation(loaded, space, mask, stats))
+
+
+def bias_compensation(loaded: LoadedModel, space: PruningSpace, mask: Mask,
+                      stats) -> list[tuple[int, str, Tensor]]:
+    """FLAP's bias compensation for any mask: for o_proj and down_proj, W[:, removed] @ mean(X[removed])
+    over the removed input columns, to be added to the sliced layer's bias."""
     updates = []
     for l in range(space.n_layers):
-        attn_removed = torch.ones(space.shapes[l].n_q * space.shapes[l].head_dim, dtype=torch.bool)
-        q_kept = space.kept_query_heads(l, mask.heads[l])
-        for h in q_kept.tolist():
-            attn_removed[h * space.shapes[l].head_dim:(h + 1) * space.shapes[l].head_dim] = False
+        head_dim = space.shapes[l].head_dim
+        attn_removed = torch.ones(space.shapes[l].n_q * head_dim, dtype=torch.bool)
+        for h in space.kept_query_heads(l, mask.heads[l]).tolist():
+            attn_removed[h * head_dim:(h + 1) * head_dim] = False
         mlp_removed = torch.ones(space.shapes[l].d_ff, dtype=torch.bool)
         mlp_removed[space.kept_channels(l, mask.channels[l])] = False
         o = loaded.adapter.attention(loaded.model, l).o_proj.weight
@@ -140,7 +147,7 @@ def flap(loaded: LoadedModel, space: PruningSpace, config) -> Selection:
             updates.append((l, "o_proj", flap_bias(o, stats[0][l].mean, attn_removed).cpu()))
         if mlp_removed.any():
             updates.append((l, "down_proj", flap_bias(down, stats[1][l].mean, mlp_removed).cpu()))
-    return Selection(mask, updates)
+    return updates
 
 
 def pg(loaded: LoadedModel, space: PruningSpace, config) -> Selection:

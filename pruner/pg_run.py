@@ -61,6 +61,7 @@ class PGConfig:
     penalty: float = 0.0  # lambda_0 of the log-odds penalty, decayed with the lr schedule
     prob_floor: float = 0.01  # s stays in [floor, 1 - floor] (budget kept exactly); 0 = reference
     forward_dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    bias_compensation: bool = False  # FLAP's bias compensation on the final hard mask (not in the reference)
     eval_every: int = 40
     eval_windows: int = 16
     snapshot_every: int = 10
@@ -501,8 +502,19 @@ def run_pg_to_completion(loaded, space: PruningSpace, config, run_dir: Path | No
 
     run.run(progress)
     bar.close()
-    history = run.history.state()
-    return Selection(run.current_mask(), extra={"pg": {
+    return selection_of(run, loaded, config)
+
+
+def selection_of(run: PGRun, loaded, config):
+    """The hard mask of a run's current probabilities as a method Selection; with
+    `bias_compensation`, FLAP's bias terms for it from the calibration statistics."""
+    from .methods import Selection, bias_compensation, calibration_stats
+
+    mask = run.current_mask()
+    updates = (bias_compensation(loaded, run.space, mask, calibration_stats(loaded, config))
+               if run.config.bias_compensation else [])
+    history = run.history.read()
+    return Selection(mask, updates, extra={"pg": {
         "steps": run.step,
         "final_loss_mean": history["steps"][-1]["loss_mean"] if history["steps"] else None,
         "validation_ppl": history["evals"],

@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import PrunerError
 from .models import REPORT_FILE, LoadedModel, save_pruned
 from .paths import runs_dir, write_json_atomically
-from .pg_run import CHECKPOINT, STATUS, PGRun, RunHistory, build_run
+from .pg_run import CHECKPOINT, STATUS, PGRun, RunHistory, build_run, selection_of
 from .prune import PruneConfig, config_from_run, prune
 from .space import PruningSpace
 
@@ -62,13 +62,15 @@ class Job:
     # -- state read by pages ------------------------------------------------------------------
     @property
     def status(self) -> str:
-        if self.pg is not None and self._status in ("running", "paused"):
-            return self.pg.status if self.pg.status != "created" else "running"
+        if self.pg is not None and self._status == "running":
+            # the loop's own status while it goes; once it has ended, the job still slices and saves
+            return {"created": "running", "running": "running", "paused": "paused"}.get(self.pg.status, "saving")
         return self._status
 
     @property
     def is_alive(self) -> bool:
-        return bool(self._thread and self._thread.is_alive())
+        """True while the job works; its final status is set as the thread's very last act."""
+        return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
 
     def history(self) -> dict:
         return self.pg.history.read() if self.pg else RunHistory().read()
@@ -115,20 +117,22 @@ class Job:
     def _work(self) -> None:
         try:
             if self.config.method == "pg":
-                self._run_pg()
+                ended = self._run_pg()
             else:
                 self._status = "running"
                 self._write_status()
                 pruned, _, report = prune(self.loaded, self.config)
                 self._status = "saving"
                 self._save(pruned, report)
-                self._status = "finished"
+                ended = "finished"
         except Exception as exc:  # noqa: BLE001 - a failed run keeps its traceback for the Runs page
-            self._status = "failed"
+            ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
-        self._write_status()
+        self._write_status(ended)
+        self._status = ended  # last: pages that see a final status find everything on disk
 
-    def _run_pg(self) -> None:
+    def _run_pg(self) -> str:
+        """The PG loop, then slice and save its current hard mask; returns "finished" or "stopped"."""
         if self.pg is None:
             space = PruningSpace.from_model(self.loaded.model, self.loaded.adapter, self.config.granularity)
             self.pg = build_run(self.loaded, space, self.config, self.dir)
@@ -144,29 +148,19 @@ class Job:
         self._status = "saving"
         self._write_status()
         run = self.pg
-        pruned, _, report = prune(self.loaded, self.config, method=lambda *_: selection_of(run))
+        pruned, _, report = prune(self.loaded, self.config, method=lambda loaded, _, config: selection_of(run, loaded, config))
         self._save(pruned, report)
-        self._status = ended
+        return ended
 
     def _save(self, pruned, report: dict) -> None:
         self.report = report
         save_pruned(pruned, self.loaded.tokenizer, self.dir / MODEL_SUBDIR, report, overwrite=True)
 
-    def _write_status(self) -> None:
-        info = self.info()
+    def _write_status(self, status: str | None = None) -> None:
+        info = self.info() | ({"status": status} if status else {})
         if self.pg:  # the PG loop writes its own status; keep its fields, add ours
             info["step"], info["steps"] = self.pg.step, self.pg.config.steps
         write_json_atomically(self.dir / STATUS, info)
-
-
-def selection_of(run: PGRun):
-    """The hard mask of a run's current probabilities, as a method Selection."""
-    from .methods import Selection
-
-    history = run.history.read()
-    return Selection(run.current_mask(), extra={"pg": {
-        "steps": run.step, "validation_ppl": history["evals"], "run_dir": str(run.run_dir),
-        "final_loss_mean": history["steps"][-1]["loss_mean"] if history["steps"] else None}})
 
 
 def settings_of(config: PruneConfig, model_spec: str) -> dict:

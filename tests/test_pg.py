@@ -250,3 +250,26 @@ def test_sigkilled_run_resumes_on_the_same_trajectory(tmp_path):
     assert torch.equal(resumed.s_h, whole.s_h) and torch.equal(resumed.s_c, whole.s_c)
     assert resumed.baseline == whole.baseline
     assert [r["losses"] for r in resumed.history.steps] == [r["losses"] for r in whole.history.steps]
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_final_selection_adds_flap_bias_compensation_when_asked(monkeypatch, compensate):
+    from types import SimpleNamespace
+
+    from pruner import methods
+    from pruner.calibration import collect_input_stats
+    from pruner.pg_run import selection_of
+
+    run = make_run(steps=2, bias_compensation=compensate)
+    run.run()
+    stats = collect_input_stats(run.model, run.adapter, run.blocks[:4])
+    monkeypatch.setattr(methods, "calibration_stats", lambda loaded, config: stats)
+    loaded = SimpleNamespace(model=run.model, adapter=run.adapter)
+    selection = selection_of(run, loaded, config=None)
+    mask = run.current_mask()
+    assert all(torch.equal(a, b) for a, b in zip(selection.mask.channels, mask.channels))
+    expected = methods.bias_compensation(loaded, run.space, mask, stats) if compensate else []
+    assert len(selection.bias_updates) == len(expected)
+    for (l, which, delta), (l2, which2, delta2) in zip(selection.bias_updates, expected):
+        assert (l, which) == (l2, which2) and torch.equal(delta, delta2)
+    assert selection.extra["pg"]["steps"] == 2

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.harness import CHROMIUM, REPO_ROOT, StudioDidNotStart, launch_chromium, serve_studio
+
 SCREENSHOTS = REPO_ROOT / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-HEALTH_TIMEOUT_S = 120
 
 # Console messages that say nothing about the studio itself; each one ignored is printed.
 IGNORED_CONSOLE = [
@@ -50,63 +41,18 @@ def require_browser() -> None:
         pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return r.read().decode().strip() == "ok"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def studio_url(tmp_path):
     """Base URL of a fresh studio (a new process, ~3 s) whose runs live in a temporary directory.
 
     One process per test keeps tests independent of each other's order: Streamlit keeps process-wide state
-    (st.cache_resource, the run manager, and whether the first page opened was a deep link)."""
+    (st.cache_resource, the run manager)."""
     require_browser()
-    tmp = tmp_path
-    port = _free_port()
-    env = dict(os.environ, PRUNER_RUNS_DIR=str(tmp / "runs"), HF_HUB_OFFLINE="1")
-    log_path = tmp / "streamlit.log"
-    streamlit = Path(sys.executable).with_name("streamlit")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(streamlit), "run", "app.py", "--server.headless", "true", "--server.address", "localhost",
-             "--server.port", str(port), "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false"],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://localhost:{port}"
     try:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                why = f"exited with {proc.returncode}" if proc.poll() is not None else "never became healthy"
-                pytest.fail(f"streamlit {why}:\n{log_path.read_text(errors='replace')[-4000:]}", pytrace=False)
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop(proc)
-        print(f"\nstreamlit log tail ({log_path}):\n{log_path.read_text(errors='replace')[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        with serve_studio(tmp_path / "runs", tmp_path / "streamlit.log") as url:
+            yield url
+    except StudioDidNotStart as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +61,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 
