@@ -68,6 +68,10 @@ with st.container(border=True):
         pg_fields["penalty"] = cols[4].number_input("Log-odds penalty", 0.0, 100.0, DEFAULT_PG.penalty)
         pg_fields["prob_floor"] = cols[5].number_input("Probability floor", 0.0, 0.49, DEFAULT_PG.prob_floor,
                                                        format="%.3f")
+        pg_fields["bias_compensation"] = st.checkbox(
+            "Bias compensation", DEFAULT_PG.bias_compensation,
+            help="FLAP's trick inside the search: removed channels take their calibration mean, so each "
+                 "sampled mask is scored as the compensated model that is saved")
 
 run_id = st.query_params.get("run")
 job = manager.get(run_id) if run_id else None

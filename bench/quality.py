@@ -2,7 +2,11 @@
 
 Calibration and search use the train split; perplexity is measured on the test split at each
 seqlen. "pg-random" starts the policy-gradient search from random probabilities; "pg-init"
-starts it (sigmap) from the metric that scored best at that ratio.
+starts it (sigmap) from the metric that scored best at that ratio; "+bias" searches with FLAP's
+bias compensation (`PGConfig.bias_compensation`: every sampled mask is scored, and the result
+saved, with removed channels replaced by their calibration means). Two derived rows reuse an
+earlier row's mask instead of searching again: "flap-nobias" is FLAP's mask without its bias
+compensation, "pg-init+posthoc" the pg-init mask with the compensation added after the search.
 
     .venv/bin/python -m bench.quality --ratios 0.2 0.3 0.4 0.5 --pg-steps 240
 """
@@ -19,12 +23,23 @@ import torch
 from bench.common import RESULTS, markdown_table, write_results
 from pruner.corpus import load_text
 from pruner.evaluate import perplexity
+from pruner.methods import Selection, bias_compensation, calibration_stats
 from pruner.models import load_model
 from pruner.pg_run import PGConfig
 from pruner.prune import PruneConfig, prune
 from pruner.windows import eval_windows, tokenize
 
 METRICS = ("magnitude", "wanda-sp", "flap")
+DERIVED = {"flap-nobias": ("flap", False), "pg-init+posthoc": ("pg-init", True)}
+
+
+def derived_method(selection: Selection, with_bias: bool):
+    """A method that returns `selection`'s mask, with FLAP's bias compensation for it or with none."""
+    def method(loaded, space, config):
+        updates = bias_compensation(loaded, space, selection.mask, calibration_stats(loaded, config)) \
+            if with_bias else []
+        return Selection(selection.mask, updates, selection.extra)
+    return method
 
 
 def evaluate(model, test_ids, seqlens, max_windows) -> dict:
@@ -65,20 +80,31 @@ def main() -> None:
     per_layer = {}
     for ratio in args.ratios:
         best_metric, best_ppl = None, float("inf")
+        selections, walls, configs = {}, {}, {}
         for method in args.methods:
             base = dict(ratio=ratio, granularity=args.granularity, data=args.data, calib_windows=args.calib_windows)
-            if method.startswith("pg"):
-                init = dataclasses.replace(pg_config, init="random") if method == "pg-random" else \
+            derived = None
+            if method in DERIVED:
+                source, with_bias = DERIVED[method]
+                if source not in selections:
+                    raise SystemExit(f"{method} reuses {source}'s mask: list {source} before it in --methods")
+                derived = derived_method(selections[source], with_bias)
+                config = configs[source]
+            elif method.startswith("pg"):
+                init = dataclasses.replace(pg_config, init="random") if method.startswith("pg-random") else \
                     dataclasses.replace(pg_config, init_metric=best_metric or pg_config.init_metric)
+                if method.endswith("+bias"):
+                    init = dataclasses.replace(init, bias_compensation=True)
                 config = PruneConfig(method="pg", pg=init, **base)
             else:
                 config = PruneConfig(method=method, **base)
             t0 = time.perf_counter()
-            pruned, selection, report = prune(loaded, config)
-            wall = time.perf_counter() - t0
+            pruned, selection, report = prune(loaded, config, method=derived)
+            wall = time.perf_counter() - t0 + (walls[DERIVED[method][0]] if derived else 0.0)
+            selections[method], walls[method], configs[method] = selection, wall, config
             row = {"method": method, "ratio": ratio, "achieved_ratio": report["achieved_ratio"], "wall_time_s": wall,
                    **evaluate(pruned, test_ids, args.seqlens, max_windows)}
-            if method == "pg-init":
+            if method.startswith("pg-init"):
                 row["init_metric"] = config.pg.init_metric
             if "pg" in report:
                 row["pg_validation_ppl"] = report["pg"]["validation_ppl"]
@@ -100,21 +126,39 @@ def write_report(rows, per_layer, pg: dict, args, extra: dict) -> None:
     fmt = {"achieved_ratio": "{:.3f}", "wall_time_s": "{:.1f}", **{f"ppl@{s}": "{:.2f}" for s in args.seqlens}}
     md = (f"### Perplexity after pruning ({args.model}, {args.data} test, granularity {args.granularity})\n\n"
           + markdown_table(rows, columns, fmt)
-          + f"\n\nPG settings: `{json.dumps(pg)}`")
+          + f"\n\nPG settings: `{json.dumps(pg)}`"
+          + "\n\nCalibration statistics are computed once per model and setting and reused, so the first "
+            "method that needs them (wanda-sp) carries the calibration time in its wall time; pg-init also "
+            "reuses them for its initialisation.")
     write_results(args.name, {"rows": rows, "per_layer_kept_fraction": per_layer, "pg": pg, **extra}, md)
     plot(rows, per_layer, args)
 
 
 def merge(args) -> None:
-    """One table and plot from several result files of the same settings (dense row once)."""
+    """One table and plot from several result files of the same settings: the dense row once, and
+    each (method, ratio) from the first file that has it (a rerun must agree; it is checked)."""
     parts = [json.loads(open(path).read()) for path in args.merge]
-    rows = [parts[0]["rows"][0]] + [r for p in parts for r in p["rows"] if r["method"] != "dense"]
+    rows, seen, methods = [parts[0]["rows"][0]], {}, []
+    key = f"ppl@{parts[0]['args']['seqlens'][0]}"
+    for part in parts:
+        for row in part["rows"][1:]:
+            name = (row["method"], row["ratio"])
+            if name in seen:
+                if abs(seen[name][key] - row[key]) > 1e-6 * seen[name][key]:
+                    print(f"note: {name} differs between files: {seen[name][key]:.3f} vs {row[key]:.3f}")
+                continue
+            seen[name] = row
+            rows.append(row)
+            if row["method"] not in methods:
+                methods.append(row["method"])
+    rows = rows[:1] + sorted(rows[1:], key=lambda r: (r["ratio"], methods.index(r["method"])))
     per_layer = {k: v for p in parts for k, v in p["per_layer_kept_fraction"].items()}
     first = parts[0]["args"]
-    for key in ("model", "data", "granularity", "seqlens", "methods"):
-        setattr(args, key, first[key])
+    for name in ("model", "data", "granularity", "seqlens"):
+        setattr(args, name, first[name])
+    args.methods = methods
     write_report(rows, per_layer, parts[0]["pg"], args,
-           {"merged_from": [{"command": p["command"], "environment": p["environment"]} for p in parts]})
+                 {"merged_from": [{"command": p["command"], "environment": p["environment"]} for p in parts]})
 
 
 def plot(rows, per_layer, args) -> None:
@@ -139,7 +183,7 @@ def plot(rows, per_layer, args) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, fractions in per_layer.items():
-        if name.startswith("pg-init"):
+        if name.split("@")[0] == "pg-init":
             ax.plot(range(len(fractions)), fractions, marker=".", label=name)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction of decoder-linear parameters")

@@ -6,6 +6,11 @@
 
 A mask entry may carry a leading batch dimension, so K sampled masks can run in one
 batched forward (sequence b uses mask b).
+
+With `fill` (per layer, the mean input of o_proj and of down_proj on calibration data), a
+removed channel is replaced by its mean instead of zero: W (x*m + mu*(1-m)) =
+W[:, kept] x[kept] + W[:, removed] mu[removed], exactly the sliced layer with FLAP's bias
+compensation added.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ def expand_unit_mask(unit_mask: Tensor, unit_of_channel: Tensor) -> Tensor:
     return unit_mask.index_select(-1, unit_of_channel.to(unit_mask.device))
 
 
-def _scale_input(channel_mask: Tensor):
-    """A forward pre-hook multiplying a linear's input (B, T, C) by channel_mask (C,) or (B, C)."""
+def _scale_input(channel_mask: Tensor, fill: Tensor | None = None):
+    """A forward pre-hook on a linear's input (B, T, C): x * m, or x * m + fill * (1 - m) with a
+    fill (C,); the channel mask m is (C,) or (B, C)."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
@@ -34,14 +40,18 @@ def _scale_input(channel_mask: Tensor):
             if m.shape[0] != x.shape[0]:
                 raise ValueError(f"a batched mask has {m.shape[0]} rows for a batch of {x.shape[0]} sequences")
             m = m.unsqueeze(1)
-        return (x * m, *args[1:])
+        if fill is None:
+            return (x * m, *args[1:])
+        return (x * m + fill.to(x.dtype) * (1 - m), *args[1:])
 
     return hook
 
 
 @contextmanager
-def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask | None):
-    """Run `model` under `mask` inside the block; hooks are removed on exit.
+def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask | None,
+           fill: tuple[list[Tensor], list[Tensor]] | None = None):
+    """Run `model` under `mask` inside the block; hooks are removed on exit. `fill`: per layer the
+    o_proj and down_proj input means that removed channels take (bias compensation), else zero.
 
     Example: `with masked(model, adapter, space, mask): logits = model(ids).logits`.
     """
@@ -53,10 +63,12 @@ def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask |
                 attn, mlp = adapter.attention(model, l), adapter.mlp(model, l)
                 if hasattr(attn, "o_proj") and mask.heads[l].shape[-1]:
                     m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l)).to(device)
-                    handles.append(attn.o_proj.register_forward_pre_hook(_scale_input(m)))
+                    mu = fill[0][l].to(device) if fill else None
+                    handles.append(attn.o_proj.register_forward_pre_hook(_scale_input(m, mu)))
                 if hasattr(mlp, "down_proj") and mask.channels[l].shape[-1]:
                     m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l)).to(device)
-                    handles.append(mlp.down_proj.register_forward_pre_hook(_scale_input(m)))
+                    mu = fill[1][l].to(device) if fill else None
+                    handles.append(mlp.down_proj.register_forward_pre_hook(_scale_input(m, mu)))
         yield model
     finally:
         for h in handles:

@@ -61,7 +61,7 @@ class PGConfig:
     penalty: float = 0.0  # lambda_0 of the log-odds penalty, decayed with the lr schedule
     prob_floor: float = 0.01  # s stays in [floor, 1 - floor] (budget kept exactly); 0 = reference
     forward_dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
-    bias_compensation: bool = False  # FLAP's bias compensation on the final hard mask (not in the reference)
+    bias_compensation: bool = False  # score masks, and save the result, with FLAP's bias compensation
     eval_every: int = 40
     eval_windows: int = 16
     snapshot_every: int = 10
@@ -199,8 +199,14 @@ class PGRun:
 
     def __init__(self, model, adapter, space: PruningSpace, ratio: float, config: PGConfig, seed: int,
                  blocks: Tensor, valid: Tensor, init_scores: tuple[list[Tensor], list[Tensor]] | None = None,
-                 run_dir: Path | None = None, settings: dict | None = None):
+                 run_dir: Path | None = None, settings: dict | None = None,
+                 fill: tuple[list[Tensor], list[Tensor]] | None = None):
+        """`fill`: calibration means of the o_proj/down_proj inputs; with `config.bias_compensation`
+        removed channels take them in every scored forward (see pruner.masking)."""
         self.model, self.adapter, self.space = model, adapter, space
+        if config.bias_compensation and fill is None:
+            raise PrunerError("bias_compensation needs the calibration means of the o_proj/down_proj inputs")
+        self.fill = fill if config.bias_compensation else None
         self.ratio, self.keep, self.config, self.seed = ratio, 1.0 - ratio, config.validate(), seed
         self.blocks, self.valid = blocks, valid
         self.run_dir = Path(run_dir) if run_dir else None
@@ -264,7 +270,8 @@ class PGRun:
         n_h = len(self.s_h)
         per_mask = [self.space.unflatten(m[:n_h], m[n_h:]) for m in masks]
         ids = batch.to(self.device).repeat(k, 1)
-        with self._autocast(), masked(self.model, self.adapter, self.space, stack_masks(per_mask, repeats=b)):
+        with self._autocast(), masked(self.model, self.adapter, self.space, stack_masks(per_mask, repeats=b),
+                                            self.fill):
             logits = self.model(ids, use_cache=False).logits
         nll = token_nll(logits, ids).mean(1)  # (K*B,)
         return nll.view(k, b).mean(1).double().cpu()
@@ -328,7 +335,7 @@ class PGRun:
 
         mask = self.current_mask()
         losses = []
-        with self._autocast(), masked(self.model, self.adapter, self.space, mask):
+        with self._autocast(), masked(self.model, self.adapter, self.space, mask, self.fill):
             for start in range(0, len(self.valid), 8):
                 losses.append(window_losses(self.model, self.valid[start:start + 8]).double().cpu())
         return math.exp(float(torch.cat(losses).mean()))
@@ -461,11 +468,17 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None) 
     blocks = training_blocks(train_ids, pg.seqlen, config.seed)
     valid = eval_windows(tokenize(loaded.tokenizer, load_text(config.data, "validation")), pg.seqlen, pg.eval_windows)
     init_scores = None if pg.init == "random" else metric_scores(loaded, space, config, pg.init_metric)
+    fill = None
+    if pg.bias_compensation:
+        from .methods import calibration_stats
+
+        attn, mlp = calibration_stats(loaded, config)
+        fill = ([s.mean.float() for s in attn], [s.mean.float() for s in mlp])
     settings = {"model": loaded.spec, "method": "pg", "ratio": config.ratio, "granularity": config.granularity,
                 "data": config.data, "seed": config.seed, "calib_windows": config.calib_windows,
                 "pg": dataclasses.asdict(pg)}
     run = PGRun(loaded.model, loaded.adapter, space, config.ratio, pg, config.seed, blocks, valid,
-                init_scores, run_dir, settings)
+                init_scores, run_dir, settings, fill)
     run.load_checkpoint()
     return run
 

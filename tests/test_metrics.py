@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import ARCHS, tiny_model
 
 from pruner.adapters import adapter_for
 from pruner.calibration import InputStats, collect_input_stats
@@ -100,3 +100,30 @@ def test_bias_compensation_restores_the_mean_of_the_first_pruned_sublayer(sublay
     scale = dense.abs().max()
     assert (pruned - dense).abs().max() > 0.05 * scale  # the pruning moved the mean ...
     assert torch.allclose(pruned + updates[(0, sublayer)], dense, atol=1e-4 * scale)  # ... the bias puts it back
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("granularity", ["kv_group", "query_head"])
+def test_mean_filled_masked_logits_equal_sliced_logits_with_compensation(arch, granularity):
+    """What PG scores with bias compensation is exactly the model it saves: masked with removed
+    channels set to their calibration means == sliced, plus FLAP's bias."""
+    from test_space_masking_slicing import random_mask
+
+    from pruner.slicing import add_output_bias, sliced_copy
+
+    model = tiny_model(arch)
+    adapter = adapter_for(model)
+    space = PruningSpace.from_model(model, adapter, granularity)
+    g = torch.Generator().manual_seed(3)
+    stats = collect_input_stats(model, adapter, torch.randint(0, 97, (4, 16), generator=g))
+    fill = ([s.mean.float() for s in stats[0]], [s.mean.float() for s in stats[1]])
+    mask = random_mask(space, seed=4)
+    ids = torch.randint(0, 97, (2, 10), generator=g)
+    with torch.no_grad(), masked(model, adapter, space, mask, fill):
+        want = model(ids).logits
+    sliced = sliced_copy(model, adapter, space, mask)
+    for l, which, delta in bias_compensation(SimpleNamespace(model=model, adapter=adapter), space, mask, stats):
+        add_output_bias(sliced, adapter, l, which, delta)
+    with torch.no_grad():
+        got = sliced(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()

@@ -107,7 +107,7 @@ class SyntheticRun(PGRun):
         return ((1 - masks.double()) * weights).sum(1) + noise
 
 
-def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None, **pg):
+def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None, fill=None, **pg):
     model = tiny_model("llama")
     adapter = adapter_for(model)
     space = PruningSpace.from_model(model, adapter, granularity)
@@ -116,7 +116,7 @@ def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None
     valid = torch.randint(0, 97, (2, 12), generator=g)
     config = PGConfig(steps=steps, batch_size=2, seqlen=12, eval_every=2, eval_windows=2, snapshot_every=2,
                       checkpoint_every=2, **pg)
-    return cls(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid, run_dir=run_dir)
+    return cls(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid, run_dir=run_dir, fill=fill)
 
 
 def test_pg_finds_the_units_that_matter():
@@ -253,16 +253,25 @@ def test_sigkilled_run_resumes_on_the_same_trajectory(tmp_path):
 
 
 @pytest.mark.parametrize("compensate", [False, True])
-def test_final_selection_adds_flap_bias_compensation_when_asked(monkeypatch, compensate):
+def test_bias_compensation_scores_mean_filled_masks_and_saves_the_bias(monkeypatch, compensate):
     from types import SimpleNamespace
 
     from pruner import methods
     from pruner.calibration import collect_input_stats
     from pruner.pg_run import selection_of
 
-    run = make_run(steps=2, bias_compensation=compensate)
+    plain = make_run(steps=2)
+    stats = collect_input_stats(plain.model, plain.adapter, plain.blocks[:4])
+    fill = ([x.mean.float() for x in stats[0]], [x.mean.float() for x in stats[1]])
+    if compensate:
+        with pytest.raises(PrunerError, match="calibration means"):
+            make_run(steps=2, bias_compensation=True)
+    run = make_run(steps=2, bias_compensation=compensate, fill=fill)
+    masks = torch.ones(2, len(run.s_h) + len(run.s_c))
+    masks[:, ::2] = 0
+    same = torch.equal(run.sample_losses(masks, run.batch_at(0)), plain.sample_losses(masks, plain.batch_at(0)))
+    assert same != compensate  # mean-filled channels change every loss
     run.run()
-    stats = collect_input_stats(run.model, run.adapter, run.blocks[:4])
     monkeypatch.setattr(methods, "calibration_stats", lambda loaded, config: stats)
     loaded = SimpleNamespace(model=run.model, adapter=run.adapter)
     selection = selection_of(run, loaded, config=None)
@@ -272,4 +281,3 @@ def test_final_selection_adds_flap_bias_compensation_when_asked(monkeypatch, com
     assert len(selection.bias_updates) == len(expected)
     for (l, which, delta), (l2, which2, delta2) in zip(selection.bias_updates, expected):
         assert (l, which) == (l2, which2) and torch.equal(delta, delta2)
-    assert selection.extra["pg"]["steps"] == 2
