@@ -53,10 +53,11 @@ MEMORY_TARGET = 1.25  # a PG run needs at most 1.25x the memory of plain inferen
 
 def make_run(loaded, args, forward_dtype: str) -> PGRun:
     """A PG run at ratio 0.3 with no checkpoints. init "random" needs no calibration pass (every
-    other init scores units with a metric first); the step's cost does not depend on the init."""
+    other init scores units with a metric first); the step's cost does not depend on the init.
+    Measured without bias compensation (the reference's forward: inputs times masks)."""
     space = PruningSpace.from_model(loaded.model, loaded.adapter, "kv_group")
     pg = PGConfig(batch_size=args.batch_size, seqlen=args.seqlen, samples=args.samples, init="random",
-                  steps=10**6, forward_dtype=forward_dtype)
+                  steps=10**6, forward_dtype=forward_dtype, bias_compensation=False)
     return build_run(loaded, space, PruneConfig(method="pg", ratio=0.3, data=args.data, pg=pg), run_dir=None)
 
 

@@ -1,15 +1,15 @@
 """Quality of every method at several pruning ratios: perplexity of the sliced model.
 
 Calibration and search use the train split; perplexity is measured on the test split at each
-seqlen. "pg-random" starts the policy-gradient search from random probabilities; "pg-init"
-starts it (sigmap) from the metric that scored best at that ratio; "+bias" searches with FLAP's
-bias compensation (`PGConfig.bias_compensation`: every sampled mask is scored, and the result
-saved, with removed channels replaced by their calibration means). Two derived rows reuse an
-earlier row's mask instead of searching again: "flap-nobias" is FLAP's mask without its bias
-compensation, "pg-init+posthoc" the pg-init mask with the compensation added after the search.
+seqlen. "pg-random" runs the reference policy-gradient search (masks scored with removed channels
+at zero) from random probabilities; "pg-init" starts it (sigmap) from the metric that scored best
+at that ratio; "pg-init+bias" searches with FLAP's bias compensation (`PGConfig.bias_compensation`:
+every sampled mask is scored, and the result saved, with removed channels at their calibration
+means). Two derived rows reuse an earlier row's mask instead of searching again: "flap-nobias" is
+FLAP's mask without its bias compensation, "pg-init+posthoc" the pg-init mask with the
+compensation added after the search.
 
-    .venv/bin/python -m bench.quality --ratios 0.2 0.3 0.4 0.5 --pg-steps 240
-"""
+    .venv/bin/python -m bench.quality --ratios 0.2 0.3 0.4 0.5 --methods magnitude wanda-sp flap pg-random pg-init pg-init+bias"""
 
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def main() -> None:
             elif method.startswith("pg"):
                 init = dataclasses.replace(pg_config, init="random") if method.startswith("pg-random") else \
                     dataclasses.replace(pg_config, init_metric=best_metric or pg_config.init_metric)
-                if method.endswith("+bias"):
-                    init = dataclasses.replace(init, bias_compensation=True)
+                # the reference scores masks with removed channels at zero; "+bias" with their means
+                init = dataclasses.replace(init, bias_compensation=method.endswith("+bias"))
                 config = PruneConfig(method="pg", pg=init, **base)
             else:
                 config = PruneConfig(method=method, **base)

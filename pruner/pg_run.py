@@ -56,12 +56,14 @@ class PGConfig:
     budget: str = "separate"  # heads and channels each keep (1 - ratio), or one "joint" parameter budget
     scope: str = "global"  # or "per_layer"
     init: str = "sigmap"  # sigmap | const | norm | random
-    init_metric: str = "wanda-sp"  # metric behind sigmap/const/norm
+    init_metric: str = "flap"  # metric behind sigmap/const/norm (FLAP scored best on the embedded model)
     init_const: float = 0.9
     penalty: float = 0.0  # lambda_0 of the log-odds penalty, decayed with the lr schedule
     prob_floor: float = 0.01  # s stays in [floor, 1 - floor] (budget kept exactly); 0 = reference
     forward_dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
-    bias_compensation: bool = False  # score masks, and save the result, with FLAP's bias compensation
+    # Score masks, and save the result, with FLAP's bias compensation (removed channels take their
+    # calibration mean): not in the reference (False), and far better (bench/results/quality_cpu.md).
+    bias_compensation: bool = True
     eval_every: int = 40
     eval_windows: int = 16
     snapshot_every: int = 10

@@ -107,7 +107,8 @@ class SyntheticRun(PGRun):
         return ((1 - masks.double()) * weights).sum(1) + noise
 
 
-def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None, fill=None, **pg):
+def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None, fill=None,
+             bias_compensation=False, **pg):
     model = tiny_model("llama")
     adapter = adapter_for(model)
     space = PruningSpace.from_model(model, adapter, granularity)
@@ -115,7 +116,7 @@ def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None
     blocks = torch.randint(0, 97, (16, 12), generator=g)
     valid = torch.randint(0, 97, (2, 12), generator=g)
     config = PGConfig(steps=steps, batch_size=2, seqlen=12, eval_every=2, eval_windows=2, snapshot_every=2,
-                      checkpoint_every=2, **pg)
+                      checkpoint_every=2, bias_compensation=bias_compensation, **pg)
     return cls(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid, run_dir=run_dir, fill=fill)
 
 

@@ -1,0 +1,171 @@
+"""Studio latency in a real browser: Start to the first plotted point (model already loaded), and
+page refresh while a run is going. With --screenshots, also the README's pictures of every page.
+
+    .venv/bin/python -m bench.studio_latency --screenshots
+
+The studio runs as `streamlit run app.py` on localhost; headless Chromium drives it (playwright).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import markdown_table, write_results
+from tests.e2e.harness import REPO_ROOT, launch_chromium, serve_studio
+
+ASSETS = REPO_ROOT / "assets"
+STEP_RE = re.compile(r"step (\d+) / (\d+)")
+WIDE, TALL = {"width": 1400, "height": 1000}, {"width": 1400, "height": 2600}
+LONG_MS = 900_000
+
+
+def step_of(page) -> int:
+    match = STEP_RE.search(page.locator(".st-key-run_progress").first.inner_text())
+    return int(match.group(1)) if match else -1
+
+
+def wait_for_step(page, at_least: int) -> None:
+    while True:
+        try:
+            if step_of(page) >= at_least:
+                return
+        except Exception:  # noqa: BLE001 - mid-rerun the element may be replaced
+            pass
+        page.wait_for_timeout(250)
+
+
+def set_number(page, label: str, value) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Enter")
+    page.wait_for_timeout(300)
+
+
+def choose(page, label: str, option: str) -> None:
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_timeout(300)
+
+
+def start_to_first_point(page, base: str, settings: dict, choices: dict) -> tuple[float, float, str]:
+    """Seconds from the Start click to the run's page showing a step, and to the loss chart."""
+    page.goto(f"{base}/prune")
+    page.get_by_role("button", name="Start", exact=True).wait_for(timeout=LONG_MS)
+    for label, option in choices.items():
+        if label == "toggle":
+            page.get_by_text(option, exact=True).click()  # a checkbox, by its label
+            page.wait_for_timeout(300)
+        else:
+            choose(page, label, option)
+    for label, value in settings.items():
+        set_number(page, label, value)
+    t0 = time.perf_counter()
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.locator(".st-key-run_progress").first.wait_for(timeout=LONG_MS)
+    wait_for_step(page, 1)
+    first_step = time.perf_counter() - t0
+    page.locator(".st-key-loss_chart .main-svg").first.wait_for(timeout=LONG_MS)
+    first_point = time.perf_counter() - t0
+    return first_step, first_point, re.search(r"run=([^&]+)", page.url).group(1)
+
+
+def refresh_latency(page, repeats: int) -> list[float]:
+    """Seconds from reload to the run's progress and loss chart drawn again."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        page.reload()
+        page.locator(".st-key-loss_chart .main-svg").first.wait_for(timeout=LONG_MS)
+        page.locator(".st-key-run_progress").first.wait_for(timeout=LONG_MS)
+        out.append(time.perf_counter() - t0)
+        page.wait_for_timeout(1000)
+    return out
+
+
+def stop_run(page) -> None:
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.locator(".st-key-run_status").filter(has_text=re.compile("stopped|finished")).first.wait_for(timeout=LONG_MS)
+
+
+def screenshots(page, base: str, run_id: str) -> None:
+    """Every page, for the README (assets/)."""
+    ASSETS.mkdir(exist_ok=True)
+    page.set_viewport_size(WIDE)
+    page.goto(f"{base}/")
+    page.get_by_text("Prunable units").first.wait_for(timeout=LONG_MS)
+    page.screenshot(path=str(ASSETS / "studio-model.png"))
+    page.goto(f"{base}/compare")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.locator(".st-key-compare_table").wait_for(timeout=LONG_MS)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ASSETS / "studio-compare.png"), full_page=True)
+    page.goto(f"{base}/whatif")
+    page.locator(".st-key-whatif_layers .main-svg").first.wait_for(timeout=LONG_MS)
+    page.get_by_role("button", name="Run sweep", exact=True).click()
+    page.locator(".st-key-sweep_chart .main-svg").first.wait_for(timeout=LONG_MS)
+    page.set_viewport_size({"width": 1400, "height": 1500})
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ASSETS / "studio-whatif.png"))
+    page.set_viewport_size(WIDE)
+    page.goto(f"{base}/runs")
+    page.locator(".st-key-runs_table").wait_for(timeout=LONG_MS)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ASSETS / "studio-runs.png"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5, help="page refreshes measured while a run goes")
+    ap.add_argument("--screenshots", action="store_true", help="also write assets/studio-*.png")
+    ap.add_argument("--screenshot-steps", type=int, default=40, help="steps to let the run make before its picture")
+    ap.add_argument("--name", default="studio_latency")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, serve_studio(Path(tmp) / "runs", Path(tmp) / "streamlit.log") as base, \
+            sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport=TALL)
+        t0 = time.perf_counter()
+        page.goto(f"{base}/")
+        page.get_by_text("Prunable units").first.wait_for(timeout=LONG_MS)
+        rows.append({"measurement": "first page with the model loaded (cold process)",
+                     "seconds": time.perf_counter() - t0})
+        cases = [
+            ("Start -> first step / loss point, PG random init, no bias compensation (no calibration)",
+             {"Steps": 400}, {"Initialisation": "random", "toggle": "Bias compensation"}),
+            ("Start -> first step / loss point, PG defaults (metric init, 32 calibration windows)",
+             {"Steps": 400}, {}),
+        ]
+        for i, (name, settings, picks) in enumerate(cases):
+            first_step, first_point, run_id = start_to_first_point(page, base, settings, picks)
+            rows.append({"measurement": name, "seconds": first_point, "first_step_s": first_step})
+            if i == len(cases) - 1:
+                times = refresh_latency(page, args.repeats)
+                rows.append({"measurement": f"page refresh while the run goes (median of {args.repeats})",
+                             "seconds": statistics.median(times), "all_s": times})
+                if args.screenshots:
+                    wait_for_step(page, args.screenshot_steps)
+                    page.set_viewport_size(TALL)
+                    page.wait_for_timeout(1500)
+                    page.screenshot(path=str(ASSETS / "studio-prune.png"))
+            stop_run(page)
+        if args.screenshots:
+            screenshots(page, base, run_id)
+        browser.close()
+    md = ("### Studio latency (headless Chromium, studio on localhost, same machine)\n\n"
+          + markdown_table(rows, ["measurement", "seconds"], {"seconds": "{:.2f}"})
+          + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
+            "(defaults: K=2, 4 x 128 tokens), after tokenising the corpus and, for a metric "
+            "initialisation, calibrating. The page polls the run every second.")
+    write_results(args.name, {"rows": rows}, md)
+
+
+if __name__ == "__main__":
+    main()
