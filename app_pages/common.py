@@ -90,7 +90,7 @@ def variance_figure(steps: list[dict]) -> go.Figure:
     fig = go.Figure()
     fig.add_scatter(x=[r["step"] for r in steps], y=[r["grad_variance"] for r in steps], mode="lines",
                     name="variance")
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power")  # one label per decade
     return _layout(fig, "Variance of the gradient estimate", "step", "mean per-unit variance")
 
 

@@ -75,6 +75,9 @@ if go:
     table = pd.DataFrame({"dense": a, "pruned": b})
     table["pruned / dense"] = table["pruned"] / table["dense"]
     with st.container(key="compare_table"):
-        st.dataframe(table.style.format("{:,.3f}"), width="stretch")
+        styled = (table.style.format("{:,.2f}")
+                  .format("{:,.0f}", subset=pd.IndexSlice[["parameters"], ["dense", "pruned"]])
+                  .format("{:.3f}", subset=["pruned / dense"]))
+        st.dataframe(styled, width="stretch")
     st.caption(f"Measured now on {dense.device} ({c['dtype']}); latency is the median of 5 forwards, "
                "decode speed excludes the prefill. Numbers on a shared machine are noisy: compare ratios.")

@@ -90,8 +90,10 @@ if cols[2].button("Run sweep", type="primary") or st.session_state.get("sweep_do
     if pg_points:
         fig.add_scatter(x=[p[0] for p in pg_points], y=[p[1] for p in pg_points], mode="markers", name="pg runs",
                         text=[p[2] for p in pg_points], marker=dict(size=12, symbol="star"))
-    fig.add_hline(y=base, line_dash="dot", annotation_text="dense")
-    fig.update_yaxes(type="log")
+    # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
+    fig.add_scatter(x=[min(ratios), max(ratios)], y=[base, base], mode="lines", name="dense",
+                    line=dict(dash="dot", color="grey"))
+    fig.update_yaxes(type="log", exponentformat="power")
     fig.update_layout(height=380, xaxis_title="ratio", yaxis_title="validation perplexity",
                       margin=dict(l=10, r=10, t=30, b=10))
     st.session_state["sweep_done"] = (key, methods, ratios)

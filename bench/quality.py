@@ -169,7 +169,7 @@ def plot(rows, per_layer, args) -> None:
     import matplotlib.pyplot as plt
 
     key = f"ppl@{args.seqlens[0]}"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
     for method in args.methods:
         pts = [(r["ratio"], r[key]) for r in rows if r["method"] == method]
         ax.plot(*zip(*pts), marker="o", label=method)
@@ -177,13 +177,14 @@ def plot(rows, per_layer, args) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("pruning ratio (decoder-linear parameters removed)")
     ax.set_ylabel(f"perplexity ({args.data} test, seqlen {args.seqlens[0]})")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{args.name}_ppl.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, fractions in per_layer.items():
-        if name.split("@")[0] == "pg-init":
+    shown = "pg-init+bias" if any(k.startswith("pg-init+bias@") for k in per_layer) else "pg-init"
+    for name, fractions in sorted(per_layer.items()):
+        if name.split("@")[0] == shown:
             ax.plot(range(len(fractions)), fractions, marker=".", label=name)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction of decoder-linear parameters")

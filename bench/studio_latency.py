@@ -156,6 +156,10 @@ def main() -> None:
                     page.wait_for_timeout(1500)
                     page.screenshot(path=str(ASSETS / "studio-prune.png"))
             stop_run(page)
+            if i == len(cases) - 1:  # the same page once the run has stopped: rendering alone
+                times = refresh_latency(page, args.repeats)
+                rows.append({"measurement": f"page refresh of the same run once stopped (median of {args.repeats})",
+                             "seconds": statistics.median(times), "all_s": times})
         if args.screenshots:
             screenshots(page, base, run_id)
         browser.close()
@@ -163,7 +167,9 @@ def main() -> None:
           + markdown_table(rows, ["measurement", "seconds"], {"seconds": "{:.2f}"})
           + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
             "(defaults: K=2, 4 x 128 tokens), after tokenising the corpus and, for a metric "
-            "initialisation, calibrating. The page polls the run every second.")
+            "initialisation, calibrating. The page polls the run every second. A refresh while a run goes "
+            "shares the 2 cores with the run's forward passes; the same refresh once it has stopped "
+            "is the rendering alone.")
     write_results(args.name, {"rows": rows}, md)
 
 
