@@ -20,6 +20,6 @@ with st.sidebar:
     st.caption(f"Model **{c['model_spec']}** · corpus **{c['data']}** · device {c['device']} · dtype {c['dtype']}")
     active = studio().active()
     if active is not None:
-        step, steps = active.progress()
-        st.caption(f"Run `{active.id}`: {active.status}, step {step} / {steps}")
+        step, steps = active.progress()  # as of this page load; the Prune page shows it live
+        st.caption(f"Run `{active.id}`: {active.status}, step {step} / {steps} when this page loaded")
 page.run()
