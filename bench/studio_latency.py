@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.common import markdown_table, write_results
-from tests.e2e.harness import REPO_ROOT, launch_chromium, serve_studio
+from tests.e2e.harness import REPO_ROOT, launch_chromium, serve_studio, set_number
 
 ASSETS = REPO_ROOT / "assets"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
@@ -37,13 +37,6 @@ def wait_for_step(page, at_least: int) -> None:
         except Exception:  # noqa: BLE001 - mid-rerun the element may be replaced
             pass
         page.wait_for_timeout(250)
-
-
-def set_number(page, label: str, value) -> None:
-    field = page.get_by_label(label, exact=True)
-    field.fill(str(value))
-    field.press("Enter")
-    page.wait_for_timeout(300)
 
 
 def choose(page, label: str, option: str) -> None:

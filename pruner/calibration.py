@@ -49,6 +49,12 @@ class InputStats:
         return self.total_sq.sqrt()
 
 
+def input_means(stats: tuple[list[InputStats], list[InputStats]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, the mean o_proj and down_proj inputs (float32): the `fill` of pruner.masking."""
+    attn, mlp = stats
+    return [s.mean.float() for s in attn], [s.mean.float() for s in mlp]
+
+
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int = 8,
                         progress: bool = False) -> tuple[list[InputStats], list[InputStats]]:

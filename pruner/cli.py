@@ -36,7 +36,7 @@ PG_HELP = {
     "forward_dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", "eval_every": "steps between hard-mask evaluations",
     "eval_windows": "validation windows per evaluation", "snapshot_every": "steps between probability snapshots",
     "checkpoint_every": "steps between checkpoints",
-    "bias_compensation": "add FLAP's bias compensation to the final hard mask",
+    "bias_compensation": "score masks and save the result with FLAP's bias compensation (off: the reference)",
 }
 
 

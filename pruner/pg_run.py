@@ -208,7 +208,8 @@ class PGRun:
         self.model, self.adapter, self.space = model, adapter, space
         if config.bias_compensation and fill is None:
             raise PrunerError("bias_compensation needs the calibration means of the o_proj/down_proj inputs")
-        self.fill = fill if config.bias_compensation else None
+        device = next(model.parameters()).device
+        self.fill = tuple([t.to(device) for t in part] for part in fill) if config.bias_compensation else None
         self.ratio, self.keep, self.config, self.seed = ratio, 1.0 - ratio, config.validate(), seed
         self.blocks, self.valid = blocks, valid
         self.run_dir = Path(run_dir) if run_dir else None
@@ -472,10 +473,10 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None) 
     init_scores = None if pg.init == "random" else metric_scores(loaded, space, config, pg.init_metric)
     fill = None
     if pg.bias_compensation:
+        from .calibration import input_means
         from .methods import calibration_stats
 
-        attn, mlp = calibration_stats(loaded, config)
-        fill = ([s.mean.float() for s in attn], [s.mean.float() for s in mlp])
+        fill = input_means(calibration_stats(loaded, config))
     settings = {"model": loaded.spec, "method": "pg", "ratio": config.ratio, "granularity": config.granularity,
                 "data": config.data, "seed": config.seed, "calib_windows": config.calib_windows,
                 "pg": dataclasses.asdict(pg)}

@@ -148,7 +148,8 @@ class Job:
         self._status = "saving"
         self._write_status()
         run = self.pg
-        pruned, _, report = prune(self.loaded, self.config, method=lambda loaded, _, config: selection_of(run, loaded, config))
+        pruned, _, report = prune(self.loaded, self.config,
+                                  method=lambda loaded, _space, config: selection_of(run, loaded, config))
         self._save(pruned, report)
         return ended
 

@@ -7,7 +7,7 @@ import torch
 from tiny_models import ARCHS, tiny_model
 
 from pruner.adapters import adapter_for
-from pruner.calibration import InputStats, collect_input_stats
+from pruner.calibration import InputStats, collect_input_stats, input_means
 from pruner.masking import masked
 from pruner.methods import bias_compensation
 from pruner.scores import flap_bias, flap_channel_scores, group_channels, wanda_sp_channel_scores
@@ -116,7 +116,7 @@ def test_mean_filled_masked_logits_equal_sliced_logits_with_compensation(arch, g
     space = PruningSpace.from_model(model, adapter, granularity)
     g = torch.Generator().manual_seed(3)
     stats = collect_input_stats(model, adapter, torch.randint(0, 97, (4, 16), generator=g))
-    fill = ([s.mean.float() for s in stats[0]], [s.mean.float() for s in stats[1]])
+    fill = input_means(stats)
     mask = random_mask(space, seed=4)
     ids = torch.randint(0, 97, (2, 10), generator=g)
     with torch.no_grad(), masked(model, adapter, space, mask, fill):

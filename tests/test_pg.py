@@ -258,12 +258,12 @@ def test_bias_compensation_scores_mean_filled_masks_and_saves_the_bias(monkeypat
     from types import SimpleNamespace
 
     from pruner import methods
-    from pruner.calibration import collect_input_stats
+    from pruner.calibration import collect_input_stats, input_means
     from pruner.pg_run import selection_of
 
     plain = make_run(steps=2)
     stats = collect_input_stats(plain.model, plain.adapter, plain.blocks[:4])
-    fill = ([x.mean.float() for x in stats[0]], [x.mean.float() for x in stats[1]])
+    fill = input_means(stats)
     if compensate:
         with pytest.raises(PrunerError, match="calibration means"):
             make_run(steps=2, bias_compensation=True)

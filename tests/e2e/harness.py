@@ -81,3 +81,13 @@ def serve_studio(runs_dir: Path, log_path: Path):
 
 def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def set_number(page, label: str, value) -> None:
+    """Type `value` into the number input labelled `label`, submit it, and wait until it shows."""
+    from playwright.sync_api import expect
+
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Enter")
+    expect(field).to_have_value(str(value))

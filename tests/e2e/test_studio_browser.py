@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.e2e.harness import set_number
+
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
 SNAPSHOT_RE = re.compile(r"snapshot at step (\d+)")
 MODEL_LOAD_S = 180  # the first model load on a 2-core CPU
@@ -64,13 +66,6 @@ def wait_for_step_increase(page, previous: int, timeout: float) -> int:
 
 def wait_for_snapshot_increase(page, previous: int, timeout: float) -> int:
     return wait_for_increase(page, "heads_heatmap", SNAPSHOT_RE, previous, timeout)
-
-
-def set_number(page, label: str, value: int) -> None:
-    field = page.get_by_label(label, exact=True)
-    field.fill(str(value))
-    field.press("Enter")
-    expect(field).to_have_value(str(value))
 
 
 def test_app_starts_without_console_errors(page, console, screenshot):
