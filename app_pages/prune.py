@@ -1,79 +1,91 @@
 """Prune: settings, Start / Pause / Resume / Stop, and the live view of a run (its id is in the URL)."""
 
-import dataclasses
-
 import streamlit as st
 
 from app_pages.common import (POLL_SECONDS, budget_figure, choices, current_model, heatmap_figure, layers_figure,
                           load_for_run, loss_figure, ppl_figure, report_json, show_error, studio, variance_figure)
 from pruner import views
+from pruner.config import PruneConfig
 from pruner.errors import PrunerError
 from pruner.methods import METHODS
-from pruner.pg_math import ESTIMATORS, INITS
-from pruner.pg_run import BUDGETS, INIT_METRICS, SCOPES, PGConfig
-from pruner.prune import PruneConfig, per_layer_report
+from pruner.pg.config import PGConfig, pg_fields
+from pruner.prune import per_layer_report
 from pruner.space import GRANULARITIES
-from pruner.studio import read_status, saved_history, saved_report
+from pruner.run_record import read_record
+from pruner.studio import saved_history, saved_report
 
 st.title("Prune")
 c = choices()
 manager = studio()
-DEFAULT_PG = PGConfig()
+run_id = st.query_params.get("run")
+
+
+def opened_run_config() -> PruneConfig | None:
+    """The settings of the run in the URL (live or on disk), shown in the form instead of the defaults."""
+    if not run_id:
+        return None
+    job = manager.get(run_id)
+    if job is not None:
+        return job.config
+    try:
+        settings = read_record(manager.folder(run_id)).get("settings")
+        return PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"}) if settings else None
+    except PrunerError:
+        return None
+
+
+def knob_widget(f, value, col, key: str):
+    """The form control of one PGConfig knob, from its metadata."""
+    meta = f.metadata
+    if isinstance(f.default, bool):
+        return col.checkbox(meta["label"], value, help=meta["help"], key=key)
+    if meta["choices"]:
+        return col.selectbox(meta["label"], meta["choices"], index=meta["choices"].index(value), help=meta["help"], key=key)
+    if isinstance(f.default, int):
+        return int(col.number_input(meta["label"], int(meta["lo"]), int(meta["hi"]), int(value), help=meta["help"], key=key))
+    return float(col.number_input(meta["label"], float(meta["lo"]), float(meta["hi"]), float(value), format="%.4g",
+                                  help=meta["help"], key=key))
+
+
+def pg_form(shown: PGConfig, suffix: str) -> dict:
+    """Every policy-gradient knob as a form control, the advanced ones folded away."""
+    values = {}
+    for advanced in (False, True):
+        group = [f for f in pg_fields() if f.metadata["advanced"] == advanced]
+        holder = st.expander("Advanced search settings") if advanced else st.container()
+        with holder:
+            for start in range(0, len(group), 6):
+                cols = st.columns(6)
+                for f, col in zip(group[start:start + 6], cols):
+                    values[f.name] = knob_widget(f, getattr(shown, f.name), col, f"pg_{f.name}{suffix}")
+    return values
+
+
+shown = opened_run_config() or PruneConfig(method="pg", granularity=c["granularity"], calib_windows=32)
+suffix = f"_{run_id}" if run_id else ""
 
 # ---- settings -------------------------------------------------------------------------------
 with st.container(border=True):
+    if run_id:
+        st.caption(f"Settings of run `{run_id}`; change them and press Start for a new run.")
     cols = st.columns([1, 2, 1, 1, 1])
-    method = cols[0].selectbox("Method", ["pg", "flap", "wanda-sp", "magnitude"],
-                               help="pg: policy-gradient search (learns per-unit keep probabilities); the others "
-                                    "score units once on calibration data")
-    ratio = cols[1].slider("Pruning ratio", 0.05, 0.9, 0.3, 0.05,
+    names = list(METHODS)
+    method = cols[0].selectbox("Method", names, index=names.index(shown.method), key=f"method{suffix}",
+                               help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    ratio = cols[1].slider("Pruning ratio", 0.05, 0.9, float(shown.ratio), 0.05, key=f"ratio{suffix}",
                            help="Fraction of decoder-linear parameters (q/k/v/o, gate/up/down) to remove")
-    granularity = cols[2].selectbox("Granularity", GRANULARITIES, index=GRANULARITIES.index(c["granularity"]))
-    seed = cols[3].number_input("Seed", 0, 10**6, 0)
-    calib_windows = cols[4].number_input("Calibration windows", 1, 4096, 32,
+    granularity = cols[2].selectbox("Granularity", GRANULARITIES, index=GRANULARITIES.index(shown.granularity),
+                                    key=f"granularity{suffix}")
+    seed = cols[3].number_input("Seed", 0, 10**6, int(shown.seed), key=f"seed{suffix}")
+    calib_windows = cols[4].number_input("Calibration windows", 1, 4096, int(shown.calib_windows),
+                                         key=f"calib{suffix}",
                                          help="128-token windows of the train split for the metrics (and a metric "
                                               "initialisation); more is steadier, slower")
-    pg_fields = {}
+    pg_values = {}
     if method == "pg":
         st.markdown("**Policy-gradient settings** (defaults sized for the embedded model on a 2-core CPU)")
-        cols = st.columns(6)
-        pg_fields["steps"] = cols[0].number_input("Steps", 1, 100_000, DEFAULT_PG.steps)
-        pg_fields["samples"] = cols[1].number_input("Samples per step (K)", 2, 64, DEFAULT_PG.samples,
-                                                    help="Masks sampled per step; each is scored on the batch")
-        pg_fields["batch_size"] = cols[2].number_input("Batch size", 1, 256, DEFAULT_PG.batch_size,
-                                                       help="Sequences per mask")
-        pg_fields["seqlen"] = cols[3].number_input("Sequence length", 8, 4096, DEFAULT_PG.seqlen)
-        pg_fields["lr"] = cols[4].number_input("Learning rate", 1e-5, 10.0, DEFAULT_PG.lr, format="%.4f",
-                                               help="Start of the cosine schedule")
-        pg_fields["window"] = cols[5].number_input("Baseline window (T)", 1, 1000, DEFAULT_PG.window)
-        cols = st.columns(6)
-        pg_fields["init"] = cols[0].selectbox("Initialisation", INITS, index=INITS.index(DEFAULT_PG.init),
-                                              help="sigmap/const/norm map a metric to probabilities; random ignores it")
-        pg_fields["init_metric"] = cols[1].selectbox("Init metric", INIT_METRICS,
-                                                     index=INIT_METRICS.index(DEFAULT_PG.init_metric))
-        pg_fields["estimator"] = cols[2].selectbox("Estimator", ESTIMATORS,
-                                                   help="reference: (L-b)(m-s)/sqrt(s(1-s)); exact: (L-b)(m-s)/(s(1-s))")
-        pg_fields["budget"] = cols[3].selectbox("Budget", BUDGETS,
-                                                help="separate: heads and channels each keep 1-ratio; joint: one "
-                                                     "parameter budget, heads and channels compete")
-        pg_fields["scope"] = cols[4].selectbox("Scope", SCOPES, help="global lets layers differ; per_layer doesn't")
-        pg_fields["use_baseline"] = cols[5].checkbox("Moving baseline", DEFAULT_PG.use_baseline)
-        cols = st.columns(6)
-        pg_fields["snapshot_every"] = cols[0].number_input("Snapshot every", 1, 10_000, DEFAULT_PG.snapshot_every,
-                                                           help="Steps between heatmap snapshots")
-        pg_fields["eval_every"] = cols[1].number_input("Evaluate every", 1, 10_000, DEFAULT_PG.eval_every,
-                                                       help="Steps between hard-mask validation perplexities")
-        pg_fields["eval_windows"] = cols[2].number_input("Evaluation windows", 1, 1000, DEFAULT_PG.eval_windows)
-        pg_fields["checkpoint_every"] = cols[3].number_input("Checkpoint every", 1, 10_000, DEFAULT_PG.checkpoint_every)
-        pg_fields["penalty"] = cols[4].number_input("Log-odds penalty", 0.0, 100.0, DEFAULT_PG.penalty)
-        pg_fields["prob_floor"] = cols[5].number_input("Probability floor", 0.0, 0.49, DEFAULT_PG.prob_floor,
-                                                       format="%.3f")
-        pg_fields["bias_compensation"] = st.checkbox(
-            "Bias compensation", DEFAULT_PG.bias_compensation,
-            help="FLAP's trick inside the search: removed channels take their calibration mean, so each "
-                 "sampled mask is scored as the compensated model that is saved")
+        pg_values = pg_form(shown.pg, suffix)
 
-run_id = st.query_params.get("run")
 job = manager.get(run_id) if run_id else None
 
 # ---- controls -------------------------------------------------------------------------------
@@ -85,8 +97,7 @@ stop = cols[3].button("Stop", width="stretch", disabled=job is None)
 
 if start:
     try:
-        pg = dataclasses.replace(DEFAULT_PG, **{k: (float(v) if isinstance(getattr(DEFAULT_PG, k), float) else v)
-                                                for k, v in pg_fields.items()})
+        pg = PGConfig(**pg_values) if pg_values else PGConfig()
         config = PruneConfig(method=method, ratio=float(ratio), granularity=granularity, data=c["data"],
                              seed=int(seed), calib_windows=int(calib_windows), pg=pg)
         job = manager.start(current_model(), config)
@@ -125,10 +136,10 @@ def run_state() -> dict:
         if job.pg is not None:
             current = per_layer_report(job.pg.space, job.pg.current_mask())
         return {"info": info, "history": history, "per_layer": current, "report": job.report, "live": job.is_alive}
-    run_dir = manager.root / run_id
+    run_dir = manager.folder(run_id)
     if not run_dir.is_dir():
         return {}
-    info = read_status(run_dir) | {"id": run_id}
+    info = read_record(run_dir) | {"id": run_id}
     report = saved_report(run_dir)
     return {"info": info, "history": saved_history(run_dir), "report": report, "live": False,
             "per_layer": report["per_layer"] if report else None}
@@ -213,7 +224,11 @@ def exports(state: dict) -> None:
                                 f"{run_id} MLP channels", "channel bin"), f"{run_id}-channels.png", "image/png")
 
 
-state = run_state()
+try:
+    state = run_state()
+except PrunerError as exc:
+    show_error(exc)
+    st.stop()
 if not state:
     st.warning(f"No run `{run_id}` here (deleted, or from another runs folder). Start a new one.")
     st.stop()

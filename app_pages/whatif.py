@@ -7,7 +7,8 @@ from app_pages.common import cached_model, choices, current_model, layers_figure
 from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import perplexity
-from pruner.prune import PruneConfig, prune
+from pruner.config import PruneConfig
+from pruner.prune import prune
 from pruner.windows import eval_windows, tokenize
 
 st.title("What-if")

@@ -38,8 +38,10 @@ from bench.common import markdown_table, write_results
 from pruner.evaluate import token_nll
 from pruner.masking import masked, stack_masks
 from pruner.models import load_model
-from pruner.pg_run import PGConfig, PGRun, build_run
-from pruner.prune import PruneConfig
+from pruner.methods.pg import build_run
+from pruner.pg.config import PGConfig
+from pruner.pg.run import PGRun
+from pruner.config import PruneConfig
 from pruner.space import PruningSpace
 
 ROOT = Path(__file__).resolve().parents[1]

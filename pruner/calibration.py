@@ -7,6 +7,7 @@ sum x_j and sum x_j^2 (fp64). That is all the metric baselines need:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,10 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, bat
                         progress: bool = False) -> tuple[list[InputStats], list[InputStats]]:
     """Per layer: stats of the o_proj input (n_q*head_dim channels) and down_proj input (d_ff)."""
     n_layers = len(adapter.layers(model))
-    attn = [InputStats.empty(adapter.attention(model, l).o_proj.in_features) for l in range(n_layers)]
-    mlp = [InputStats.empty(adapter.mlp(model, l).down_proj.in_features) for l in range(n_layers)]
+    outputs = [(adapter.output_linear(model, l, "o_proj"), adapter.output_linear(model, l, "down_proj"))
+               for l in range(n_layers)]
+    attn = [InputStats.empty(o.in_features if o is not None else 0) for o, _ in outputs]
+    mlp = [InputStats.empty(d.in_features if d is not None else 0) for _, d in outputs]
     handles = []
 
     def recorder(stats: InputStats):
@@ -69,9 +72,10 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, bat
             stats.add(args[0])
         return hook
 
-    for l in range(n_layers):
-        handles.append(adapter.attention(model, l).o_proj.register_forward_pre_hook(recorder(attn[l])))
-        handles.append(adapter.mlp(model, l).down_proj.register_forward_pre_hook(recorder(mlp[l])))
+    for l, (o_proj, down_proj) in enumerate(outputs):
+        for linear, stats in ((o_proj, attn[l]), (down_proj, mlp[l])):
+            if linear is not None:
+                handles.append(linear.register_forward_pre_hook(recorder(stats)))
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress, leave=False):
@@ -80,3 +84,22 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, bat
         for h in handles:
             h.remove()
     return attn, mlp
+
+
+_STATS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def calibration_stats(loaded, config) -> tuple[list[InputStats], list[InputStats]]:
+    """Input statistics of o_proj/down_proj over the config's calibration windows (train split).
+
+    Remembered per model object and calibration setting (models are never modified in place),
+    so pruning the same model again at another ratio costs no forward passes."""
+    from .windows import calibration_windows
+
+    key = (config.data, config.calib_windows, config.calib_seqlen, config.seed)
+    per_model = _STATS_CACHE.setdefault(loaded.model, {})
+    if key not in per_model:
+        windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows,
+                                      config.calib_seqlen, config.seed)
+        per_model[key] = collect_input_stats(loaded.model, loaded.adapter, windows, progress=True)
+    return per_model[key]

@@ -24,38 +24,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
 
 
-PG_HELP = {
-    "steps": "search steps", "samples": "K masks per step (>= 2)", "batch_size": "sequences per mask",
-    "seqlen": "tokens per calibration block", "lr": "initial learning rate (cosine decay to 0)",
-    "window": "T of the moving-average baseline", "use_baseline": "subtract the moving baseline",
-    "estimator": "reference: (m-s)/sqrt(s(1-s)); exact: (m-s)/(s(1-s))",
-    "budget": "separate: heads and channels each keep 1-ratio; joint: one parameter budget",
-    "scope": "global (layers find their own sparsity) or per_layer", "init": "sigmap, const, norm or random",
-    "init_metric": "metric behind the init: wanda-sp, flap, magnitude", "init_const": "c of the const init",
-    "penalty": "log-odds penalty weight", "prob_floor": "keep s in [floor, 1-floor]",
-    "forward_dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", "eval_every": "steps between hard-mask evaluations",
-    "eval_windows": "validation windows per evaluation", "snapshot_every": "steps between probability snapshots",
-    "checkpoint_every": "steps between checkpoints",
-    "bias_compensation": "score masks and save the result with FLAP's bias compensation (off: the reference)",
-}
-
-
 def _pg_args(group) -> None:
-    """One flag per PGConfig field, so every knob of the search is reachable from the CLI."""
-    from .pg_run import PGConfig
+    """One flag per PGConfig knob, generated from its metadata (pruner.pg.config)."""
+    from .pg.config import describe, pg_fields
 
-    for f in dataclasses.fields(PGConfig):
-        flag = "--" + f.name.replace("_", "-")
+    for f in pg_fields():
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(f.default, bool):
             group.add_argument(flag, dest=f"pg_{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                               help=PG_HELP.get(f.name))
+                               help=meta["help"])
         else:
             group.add_argument(flag, dest=f"pg_{f.name}", type=type(f.default), default=f.default,
-                               metavar=f.name.upper(), help=f"{PG_HELP.get(f.name, '')} (default {f.default})")
+                               choices=meta["choices"], metavar=None if meta["choices"] else f.name.upper(),
+                               help=f"{meta['help']}; {describe(f)} (default {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .prune import METHODS
+    from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="python -m pruner", description="Structural pruning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,13 +105,14 @@ def cmd_info(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from .corpus import load_text
-    from .evaluate import perplexity
+    from .evaluate import check_context, perplexity
     from .windows import eval_windows, tokenize
 
     if args.batch_size < 1:
         raise PrunerError("--batch-size must be at least 1")
     text = load_text(args.data, args.split)
     loaded = _load(args)
+    check_context(loaded.model, args.seqlen, "--seqlen")
     windows = eval_windows(tokenize(loaded.tokenizer, text), args.seqlen, args.max_windows)
     result = perplexity(loaded.model, windows, args.batch_size, progress=True)
     return result | {"data": args.data, "split": args.split, "model": args.model}
@@ -134,45 +120,65 @@ def cmd_eval(args) -> dict:
 
 def prune_config_from_args(args):
     """A PruneConfig from the flags, or, with --resume, from the run's checkpointed settings."""
+    from .config import PruneConfig
+    from .fileio import recover
+    from .methods import get_method
     from .models import RUN_SUBDIR
-    from .pg_run import PGConfig, read_settings
-    from .prune import PruneConfig, config_from_run
+    from .pg.checkpoint import read_settings
+    from .pg.config import PGConfig, pg_fields
 
     if args.resume:
-        config = config_from_run(Path(args.resume))
-        args.model = read_settings(Path(args.resume))["model"]
-        return config
+        run_dir = Path(args.resume)
+        recover(run_dir.parent)  # a save killed midway may have left the folder aside
+        recover(run_dir)
+        if not run_dir.is_dir():
+            raise PrunerError(f"no run folder at {run_dir}: give the `run` folder of an interrupted search")
+        settings = read_settings(run_dir)
+        args.model = settings.get("model", args.model)
+        config = PruneConfig.from_dict({k: v for k, v in settings.items() if k not in ("model", "run_dir")})
+        return dataclasses.replace(config, run_dir=str(run_dir))
     if args.ratio is None:
         raise PrunerError("--ratio is required: the fraction of decoder-linear parameters to remove, e.g. --ratio 0.3")
-    pg = PGConfig(**{f.name: getattr(args, f"pg_{f.name}") for f in dataclasses.fields(PGConfig)})
-    run_dir = args.run_dir or str(Path(args.out) / RUN_SUBDIR)
+    get_method(args.method)
+    pg = PGConfig(**{f.name: getattr(args, f"pg_{f.name}") for f in pg_fields()})
+    run_dir = None
+    if args.method == "pg":
+        run_dir = args.run_dir or str(Path(args.out) / RUN_SUBDIR)
+        if Path(run_dir).exists() and not Path(run_dir).is_dir():
+            raise PrunerError(f"--run-dir {run_dir} is a file: give a folder for the search's checkpoints")
     return PruneConfig(method=args.method, ratio=args.ratio, granularity=args.granularity, data=args.data,
-                       seed=args.seed, calib_windows=args.calib_windows, pg=pg,
-                       run_dir=run_dir if args.method == "pg" else None).validate()
+                       seed=args.seed, calib_windows=args.calib_windows, pg=pg, run_dir=run_dir).validate()
 
 
 def cmd_prune(args) -> dict:
+    from .fileio import check_writable
     from .models import prepare_output_dir, save_pruned
     from .prune import prune
 
-    config = prune_config_from_args(args)
     out = Path(args.out)
-    prepare_output_dir(out, args.overwrite)
+    config = prune_config_from_args(args)
+    overwrite = args.overwrite or bool(args.resume and Path(args.resume).parent == out)
+    prepare_output_dir(out, overwrite)
     if config.run_dir:
+        check_writable(Path(config.run_dir))
         print(f"checkpoints in {config.run_dir}: continue an interrupted run with --resume {config.run_dir}",
               file=sys.stderr)
     loaded = _load(args)
     pruned, _, report = prune(loaded, config)
-    save_pruned(pruned, loaded.tokenizer, out, report, overwrite=args.overwrite)
+    save_pruned(pruned, loaded.tokenizer, out, report, overwrite)
     return report | {"out": str(out)}
 
 
 def cmd_generate(args) -> dict:
-    from .evaluate import generate
+    from .evaluate import check_context, generate
 
+    if not args.prompt.strip():
+        raise PrunerError("--prompt is empty: give some text to continue")
     if args.max_new_tokens < 1:
         raise PrunerError("--max-new-tokens must be at least 1")
     loaded = _load(args)
+    n_prompt = len(loaded.tokenizer(args.prompt)["input_ids"])
+    check_context(loaded.model, n_prompt + args.max_new_tokens, "the prompt plus --max-new-tokens")
     return {"prompt": args.prompt, "completion": generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens)}
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import PrunerError
+from .fileio import publish_dir
 from .paths import brown_dir
 
 CORPORA = ("brown", "wikitext2", "c4")
@@ -171,23 +170,14 @@ def read_manifest(out_dir: Path) -> dict | None:
         return None
 
 
-def write_atomically(out_dir: Path, files: dict[str, str]) -> None:
-    """Write files into a temporary sibling folder, then swap it in place of out_dir."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    old = tmp.with_name(tmp.name + "-old")
-    try:
+def write_files(out_dir: Path, files: dict[str, str]) -> None:
+    """Write files into a new folder that replaces out_dir in one swap (fileio.publish_dir)."""
+    def build(folder: Path) -> None:
         for name, text in files.items():
-            with open(tmp / name, "w", encoding="utf-8", newline="\n") as f:
+            with open(folder / name, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+    publish_dir(out_dir, build)
 
 
 def prepare_brown(package_dir: Path, out_dir: Path) -> dict:
@@ -219,7 +209,7 @@ def prepare_brown(package_dir: Path, out_dir: Path) -> dict:
     manifest = {"format_version": FORMAT_VERSION, "source": source, "split_rule": SPLIT_RULE,
                 "separator": SEPARATOR, "splits": splits}
     files[MANIFEST] = json.dumps(manifest, indent=1) + "\n"
-    write_atomically(out_dir, files)
+    write_files(out_dir, files)
     return manifest
 
 
@@ -243,9 +233,14 @@ def text_file(corpus: str) -> Path:
 def read_text_file(path: Path) -> str:
     """A local UTF-8 text file's contents."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise PrunerError(f"{path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
+        raise PrunerError(f"{path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise PrunerError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if "\x00" in text:
+        raise PrunerError(f"{path} holds NUL bytes: it is a binary file, not text")
+    return text
 
 
 def brown_manifest() -> dict:

@@ -11,6 +11,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 
+def check_context(model: nn.Module, tokens: int, what: str) -> None:
+    """PrunerError when `tokens` exceed the model's maximum positions (its config says how many)."""
+    from .errors import PrunerError
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and tokens > limit:
+        raise PrunerError(f"{what} needs {tokens} positions, but the model takes at most {limit}")
+
+
 def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
     """Next-token cross-entropy in fp32: logits (B, T, V), ids (B, T) -> (B, T-1)."""
     b, t, v = logits.shape

@@ -60,15 +60,15 @@ def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask |
     try:
         if mask is not None:
             for l in range(space.n_layers):
-                attn, mlp = adapter.attention(model, l), adapter.mlp(model, l)
-                if hasattr(attn, "o_proj") and mask.heads[l].shape[-1]:
+                o_proj, down_proj = adapter.output_linear(model, l, "o_proj"), adapter.output_linear(model, l, "down_proj")
+                if o_proj is not None and mask.heads[l].shape[-1]:
                     m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l)).to(device)
                     mu = fill[0][l].to(device) if fill else None
-                    handles.append(attn.o_proj.register_forward_pre_hook(_scale_input(m, mu)))
-                if hasattr(mlp, "down_proj") and mask.channels[l].shape[-1]:
+                    handles.append(o_proj.register_forward_pre_hook(_scale_input(m, mu)))
+                if down_proj is not None and mask.channels[l].shape[-1]:
                     m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l)).to(device)
                     mu = fill[1][l].to(device) if fill else None
-                    handles.append(mlp.down_proj.register_forward_pre_hook(_scale_input(m, mu)))
+                    handles.append(down_proj.register_forward_pre_hook(_scale_input(m, mu)))
         yield model
     finally:
         for h in handles:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +42,14 @@ def pick_device(device: str | None = None) -> torch.device:
     """`cuda` when present, else `cpu`; an explicit choice wins."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrunerError(f"device {device!r} asked for, but no CUDA device is available here: use --device cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise PrunerError(f"unknown device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PrunerError(f"device {device!r} asked for, but no CUDA device is available here: use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise PrunerError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
     return torch.device(device)
 
 
@@ -112,14 +117,14 @@ def load_model(
     local_only = kind == "hub" and not _hub_reachable()
     try:
         if kind == "local" and is_pruned_dir(Path(location)):
-            model = load_pruned(Path(location), dt)
+            model = load_pruned(Path(location), dt, trust_remote_code)
         else:
             model = _from_pretrained(location, dt, trust_remote_code, local_only)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
     except PrunerError:
         raise
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a bad checkpoint makes the loaders raise, the user hears why
         if kind == "hub":
             raise PrunerError(
                 f"could not load {spec!r} from the model hub"
@@ -127,7 +132,9 @@ def load_model(
                    else f" ({type(exc).__name__}: {str(exc).splitlines()[0]})")
                 + ". Offline, use `embedded` or a local checkpoint directory."
             ) from exc
-        raise PrunerError(f"could not load the model at {location!r}: {exc}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PrunerError(f"could not load the model at {location!r} ({type(exc).__name__}: {reason}): "
+                          "is it a complete checkpoint with safetensors weights?") from None
     adapter = adapter_for(model)
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, adapter, spec, dev, dt)
@@ -156,16 +163,16 @@ def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool,
     )
 
 
-def load_pruned(path: Path, dtype: torch.dtype) -> nn.Module:
+def load_pruned(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a pruned model's per-layer shapes from `pruner_layout`, then load its weights."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     layout = config.pruner_layout
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         adapter = adapter_for(model)
         apply_layout(model, adapter, layout)
     state = {}
@@ -186,49 +193,52 @@ def load_pruned(path: Path, dtype: torch.dtype) -> nn.Module:
 RUN_SUBDIR = "run"  # a policy-gradient run's checkpoints inside an output directory
 
 
-def is_ours(path: Path) -> bool:
-    """A directory this library wrote: a pruned model, or a run's checkpoints."""
-    return is_pruned_dir(path) or (path / RUN_SUBDIR / "status.json").is_file()
+def holds_run(path: Path) -> bool:
+    """A directory holding a search's checkpoints (an interrupted run that can be resumed)."""
+    from .pg.checkpoint import has_checkpoint
+
+    return has_checkpoint(path / RUN_SUBDIR) or (path / RUN_SUBDIR / "status.json").is_file()
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty directory that this library did not write, unless overwrite."""
+    """Check, before any work, that `out` can receive a pruned model: it is writable, and it holds
+    neither someone else's files nor an earlier pruned model (unless `overwrite`). A folder with
+    only a search's checkpoints (`run/`) is fine: that is where the search continues. Also
+    finishes or undoes a save that a kill interrupted (fileio.recover)."""
+    from .fileio import check_writable, recover
+
+    out = Path(out)
     if out.exists() and not out.is_dir():
-        raise PrunerError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_ours(out) and not overwrite:
+        raise PrunerError(f"{out} exists and is not a directory: choose another --out")
+    check_writable(out.parent if not out.exists() else out)
+    recover(out)
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    if is_pruned_dir(out):
+        raise PrunerError(f"{out} already holds a pruned model: choose another --out, or pass --overwrite to replace it")
+    if not holds_run(out) or any(p.name != RUN_SUBDIR for p in out.iterdir()):
         raise PrunerError(f"{out} exists, is not empty and was not written by pruner: choose another --out or pass --overwrite")
 
 
 def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = None, overwrite: bool = False) -> Path:
-    """Write safetensors weights, config (with `pruner_layout`), tokenizer and report.json.
+    """Write safetensors weights, config (with `pruner_layout`), tokenizer and report.json to `out`.
 
-    Written to a temporary sibling directory, then moved into place: an interrupted save
-    leaves any earlier content of `out` intact and nothing half-written. A run's checkpoint
-    folder (`run/`) inside `out` is carried over.
+    Published in one swap (fileio.publish_dir): until the new folder is complete, `out` keeps its
+    earlier content, and a search's checkpoint folder (`run/`) is carried over into the new one.
+    `out` is checked with `prepare_output_dir` (callers check it before any work, too).
     """
-    out = Path(out)
-    prepare_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
+    from .fileio import publish_dir
+
+    prepare_output_dir(Path(out), overwrite)
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(folder)
         if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        if (out / RUN_SUBDIR).is_dir():
-            (out / RUN_SUBDIR).rename(tmp / RUN_SUBDIR)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+    return publish_dir(Path(out), build, keep=(RUN_SUBDIR,))
 
 
 def model_summary(loaded: LoadedModel, granularity: str = "kv_group") -> dict:

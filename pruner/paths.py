@@ -1,6 +1,5 @@
 """Where prepared assets live: the embedded model, the embedded corpus, run directories."""
 
-import json
 import os
 from pathlib import Path
 
@@ -30,12 +29,3 @@ def downloads_dir() -> Path:
 def runs_dir() -> Path:
     """Where the studio keeps its runs: $PRUNER_RUNS_DIR, else `<repo>/runs` (git-ignored)."""
     return Path(os.environ.get("PRUNER_RUNS_DIR", REPO_ROOT / "runs"))
-
-
-def write_json_atomically(path: Path, obj) -> None:
-    """Write JSON to a temporary sibling, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

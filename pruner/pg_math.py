@@ -140,3 +140,27 @@ def entropy(s: Tensor, eps: float = 1e-12) -> float:
     """Mean Bernoulli entropy in nats: 0 when every unit is decided, log 2 at s = 0.5."""
     s = s.double().clamp(eps, 1 - eps)
     return float((-(s * s.log()) - (1 - s) * (1 - s).log()).mean())
+
+
+def pg_step(s: Tensor, masks: Tensor, losses: Tensor, baseline: float | None, lr: float, *,
+            estimator: str = "reference", window: int = 5, use_baseline: bool = True, penalty: float = 0.0,
+            lr0: float | None = None) -> tuple[Tensor, float | None, Tensor]:
+    """One update of the keep probabilities, before the budget projection, as a run composes it.
+
+        delta <- update_baseline(delta, L, T)              (0 without a baseline)
+        g      = 1/(K-1) sum_j (L_j - delta) score(m_j, s)  (policy_gradient)
+               + (lr / lr0) * penalty * (log(1-s) - log s)
+        s     <- s - lr g
+
+    Returns (new s, new delta, the K per-sample terms). With the moving baseline, delta already
+    holds this step's mean loss with weight 1/T, so E[g] = (K - 1/T) / (K - 1) * dE[L]/ds (for the
+    exact score; the reference score scales each unit by sqrt(s(1-s)) as well): 1.8x at K=2, T=5.
+    The K sampled losses must be finite; drop the others before calling.
+    """
+    delta = update_baseline(baseline, losses, window) if use_baseline else baseline
+    centre = delta if use_baseline else 0.0
+    per_sample = per_sample_gradients(losses, masks, s, centre, estimator)
+    grad = policy_gradient(losses, masks, s, centre, estimator)
+    if penalty:
+        grad = grad + (lr / (lr0 or lr)) * penalty * log_odds_penalty(s)
+    return s - lr * grad, delta, per_sample

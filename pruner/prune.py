@@ -1,54 +1,64 @@
-"""One entry point for every pruning method: choose a mask, slice, report."""
+"""One entry point for every method: `select` a mask, `apply` it (slice and compensate), report.
+
+    pruned, selection, report = prune(loaded, PruneConfig(method="flap", ratio=0.3))
+
+The loaded model is never modified: `apply` slices a copy.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
-from .errors import PrunerError
+import torch
+from torch import Tensor, nn
+
+from .budget import budget_report
+from .calibration import calibration_stats
+from .config import PruneConfig
 from .evaluate import total_params
-from .methods import METHODS, Selection
-from .models import LoadedModel
-from .pg_run import PGConfig, read_settings
-from .selection import achieved_ratio
-from .slicing import add_output_bias, record_layout, sliced_copy
-from .space import Mask, PruningSpace, check_granularity, check_ratio
+from .methods import Selection, get_method
+from .scores import flap_bias
+from .slicing import record_layout, sliced_copy
+from .space import Mask, PruningSpace
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """Settings shared by all methods. `ratio` is the fraction of decoder-linear parameters removed."""
-
-    method: str = "magnitude"
-    ratio: float = 0.3
-    granularity: str = "kv_group"
-    data: str = "brown"
-    seed: int = 0
-    calib_windows: int = 128
-    calib_seqlen: int = 128
-    pg: PGConfig = field(default_factory=PGConfig)
-    run_dir: str | None = None  # policy gradient: where checkpoints go (resumable)
-
-    def validate(self) -> "PruneConfig":
-        if self.method not in METHODS:
-            raise PrunerError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        check_ratio(self.ratio)
-        check_granularity(self.granularity)
-        if self.calib_windows < 1 or self.calib_seqlen < 2:
-            raise PrunerError("calibration needs at least one window of at least 2 tokens")
-        if self.method == "pg":
-            self.pg.validate()
-        return self
+def select(loaded, config: PruneConfig, space: PruningSpace | None = None) -> tuple[PruningSpace, Selection]:
+    """The method's decision for `config` (nothing is changed)."""
+    method = get_method(config.method)
+    config.validate()
+    space = space or PruningSpace.from_model(loaded.model, loaded.adapter, config.granularity)
+    return space, method.select(loaded, space, config)
 
 
-def config_from_run(run_dir) -> PruneConfig:
-    """The PruneConfig a policy-gradient run was started with, from its checkpoint (to resume it)."""
-    settings = read_settings(run_dir)
-    return PruneConfig(method="pg", ratio=settings["ratio"], granularity=settings["granularity"],
-                       data=settings["data"], seed=settings["seed"], calib_windows=settings["calib_windows"],
-                       pg=PGConfig(**settings["pg"]), run_dir=str(run_dir)).validate()
+def compensation(loaded, space: PruningSpace, mask: Mask, stats) -> list[tuple[int, str, Tensor]]:
+    """FLAP's bias compensation for any mask: for o_proj and down_proj, W[:, removed] @ mean(X[removed])
+    over the removed input columns, as (layer, which, delta) to add to the sliced layer's bias."""
+    updates = []
+    for l in range(space.n_layers):
+        head_dim = space.shapes[l].head_dim
+        attn_removed = torch.ones(space.shapes[l].n_q * head_dim, dtype=torch.bool)
+        for h in space.kept_query_heads(l, mask.heads[l]).tolist():
+            attn_removed[h * head_dim:(h + 1) * head_dim] = False
+        mlp_removed = torch.ones(space.shapes[l].d_ff, dtype=torch.bool)
+        mlp_removed[space.kept_channels(l, mask.channels[l])] = False
+        for which, removed, stat in (("o_proj", attn_removed, stats[0][l]), ("down_proj", mlp_removed, stats[1][l])):
+            if removed.any():
+                weight = loaded.adapter.output_linear(loaded.model, l, which).weight
+                updates.append((l, which, flap_bias(weight, stat.mean, removed).cpu()))
+    return updates
+
+
+def apply(loaded, config: PruneConfig, space: PruningSpace, selection: Selection, stats=None) -> nn.Module:
+    """A sliced copy of the model under `selection.mask`, with the removed channels' mean output
+    added as a bias when `selection.compensate` (means from `stats`, by default the config's
+    calibration statistics)."""
+    pruned = sliced_copy(loaded.model, loaded.adapter, space, selection.mask)
+    if selection.compensate:
+        stats = stats or calibration_stats(loaded, config)
+        for layer, which, delta in compensation(loaded, space, selection.mask, stats):
+            loaded.adapter.add_output_bias(pruned, layer, which, delta)
+        record_layout(pruned, loaded.adapter)
+    return pruned
 
 
 def per_layer_report(space: PruningSpace, mask: Mask) -> list[dict]:
@@ -65,32 +75,27 @@ def per_layer_report(space: PruningSpace, mask: Mask) -> list[dict]:
     return rows
 
 
-def prune(loaded: LoadedModel, config: PruneConfig, method: MethodFn | None = None):
-    """Select a mask with `config.method`, slice a copy of the model, and report.
-
-    Returns (pruned model, selection, report). The loaded model is never modified.
-    """
-    config.validate()
-    start = time.perf_counter()
-    space = PruningSpace.from_model(loaded.model, loaded.adapter, config.granularity)
-    selection = (method or METHODS[config.method])(loaded, space, config)
-    mask = selection.mask
-    pruned = sliced_copy(loaded.model, loaded.adapter, space, mask)
-    for layer, which, delta in selection.bias_updates:
-        add_output_bias(pruned, loaded.adapter, layer, which, delta)
-    if selection.bias_updates:
-        record_layout(pruned, loaded.adapter)
-    report = {
+def report(loaded, config: PruneConfig, space: PruningSpace, selection: Selection, pruned: nn.Module,
+           wall_time_s: float) -> dict:
+    """What the pruning did: parameters before and after, ratios, per-layer kept sizes, time."""
+    return {
         "method": config.method,
         "model": loaded.spec,
-        "settings": dataclasses.asdict(config),
+        "settings": config.to_dict(),
         "params_before": total_params(loaded.model),
         "params_after": total_params(pruned),
         "decoder_linear_params_before": space.decoder_linear_params(),
-        "decoder_linear_params_after": space.kept_params(mask),
-        "target_ratio": config.ratio,
-        "achieved_ratio": achieved_ratio(space, mask),
-        "per_layer": per_layer_report(space, mask),
-        "wall_time_s": time.perf_counter() - start,
+        "decoder_linear_params_after": space.kept_params(selection.mask),
+        **budget_report(space, selection.mask, config.ratio),
+        "bias_compensation": selection.compensate,
+        "per_layer": per_layer_report(space, selection.mask),
+        "wall_time_s": wall_time_s,
     } | selection.extra
-    return pruned, selection, report
+
+
+def prune(loaded, config: PruneConfig):
+    """Select with `config.method`, apply to a copy, report: returns (pruned model, selection, report)."""
+    start = time.perf_counter()
+    space, selection = select(loaded, config)
+    pruned = apply(loaded, config, space, selection)
+    return pruned, selection, report(loaded, config, space, selection, pruned, time.perf_counter() - start)

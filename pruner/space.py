@@ -95,12 +95,10 @@ class PruningSpace:
             lin = adapter.decoder_linears(model, i)
             has = {name: (lin[name].bias is not None) if name in lin else False for name in
                    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-            attn, mlp = adapter.attention(model, i), adapter.mlp(model, i)
+            outputs = adapter.output_biases(model, i)
             biases.append(LayerBiases(
-                q=has["q_proj"], k=has["k_proj"], v=has["v_proj"],
-                o=has["o_proj"] or getattr(attn, "bias", None) is not None,
-                gate=has["gate_proj"], up=has["up_proj"],
-                down=has["down_proj"] or getattr(mlp, "bias", None) is not None,
+                q=has["q_proj"], k=has["k_proj"], v=has["v_proj"], o=outputs["o_proj"],
+                gate=has["gate_proj"], up=has["up_proj"], down=outputs["down_proj"],
             ))
         return cls(granularity, model.config.hidden_size, shapes, tuple(biases))
 
@@ -157,11 +155,8 @@ class PruningSpace:
         chans = [torch.full((self.n_channel_units(l),), self.channel_unit_cost(l)) for l in range(self.n_layers)]
         return torch.cat(heads).double(), torch.cat(chans).double()
 
-    def flatten(self, mask: Mask) -> tuple[Tensor, Tensor]:
-        return torch.cat(list(mask.heads), -1), torch.cat(list(mask.channels), -1)
-
     def unflatten(self, heads: Tensor, channels: Tensor) -> Mask:
-        """Inverse of `flatten`: split flat vectors (..., N) back into per-layer pieces."""
+        """Split flat vectors (..., N) of all layers' units back into per-layer pieces."""
         h_sizes = [self.n_head_units(l) for l in range(self.n_layers)]
         c_sizes = [self.n_channel_units(l) for l in range(self.n_layers)]
         return Mask(tuple(torch.split(heads, h_sizes, -1)), tuple(torch.split(channels, c_sizes, -1)))

@@ -2,7 +2,7 @@
 
 A run directory (under `paths.runs_dir()`) holds
     status.json     status, step, settings, error (written atomically, read by the Runs page)
-    checkpoint.pt   policy-gradient state (resumable)
+    checkpoint.safetensors   policy-gradient state (resumable; tensors and JSON only)
     model/          the pruned model and its report.json, written when a run finishes or stops
 Jobs work on a private copy of the model: the cached model that pages read is never hooked or
 modified. Nothing here touches Streamlit; pages only read a job's state.
@@ -18,18 +18,22 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
+from .config import PruneConfig
 from .errors import PrunerError
+from .fileio import inside
+from .methods.pg import build_run, selection_of, settings_of
 from .models import REPORT_FILE, LoadedModel, save_pruned
-from .paths import runs_dir, write_json_atomically
-from .pg_run import CHECKPOINT, STATUS, PGRun, RunHistory, build_run, selection_of
-from .prune import PruneConfig, config_from_run, prune
+from .paths import runs_dir
+from .pg.checkpoint import has_checkpoint, load_checkpoint, read_settings
+from .pg.history import RunHistory
+from .pg.run import PGRun
+from .prune import apply, prune, report
+from .run_record import LIVE, RunRecord, read_record
 from .space import PruningSpace
 
 MODEL_SUBDIR = "model"
-LIVE = ("created", "loading", "running", "paused", "saving")
 
 
 def new_run_id(config: PruneConfig) -> str:
@@ -47,6 +51,7 @@ class Job:
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
+    The job's `RunRecord` is the one writer of `<dir>/status.json`.
     """
 
     def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig):
@@ -58,6 +63,7 @@ class Job:
         self.started = time.time()
         self._thread: threading.Thread | None = None
         self._stop_asked = False
+        self.record = RunRecord(self.dir, settings_of(loaded, config))
 
     # -- state read by pages ------------------------------------------------------------------
     @property
@@ -83,7 +89,7 @@ class Job:
     def info(self) -> dict:
         step, steps = self.progress()
         return {"id": self.id, "dir": str(self.dir), "status": self.status, "step": step, "steps": steps,
-                "settings": settings_of(self.config, self.loaded.spec), "error": self.error,
+                "settings": self.record.settings, "error": self.error,
                 "has_model": (self.dir / MODEL_SUBDIR / REPORT_FILE).is_file(), "updated": time.time()}
 
     # -- control --------------------------------------------------------------------------------
@@ -92,7 +98,7 @@ class Job:
         if self.is_alive:
             raise PrunerError(f"run {self.id} is already going")
         self._status, self.error, self._stop_asked = "loading", None, False
-        self._write_status()
+        self._write()
         self._thread = threading.Thread(target=self._work, name=f"job-{self.id}", daemon=True)
         self._thread.start()
 
@@ -120,52 +126,47 @@ class Job:
                 ended = self._run_pg()
             else:
                 self._status = "running"
-                self._write_status()
-                pruned, _, report = prune(self.loaded, self.config)
+                self._write()
+                pruned, _, result = prune(self.loaded, self.config)
                 self._status = "saving"
-                self._save(pruned, report)
+                self._save(pruned, result)
                 ended = "finished"
-        except Exception as exc:  # noqa: BLE001 - a failed run keeps its traceback for the Runs page
+        except Exception as exc:  # noqa: BLE001 - a failed run keeps its reason for the Runs page
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
-        self._write_status(ended)
+        self._write(ended)
         self._status = ended  # last: pages that see a final status find everything on disk
 
     def _run_pg(self) -> str:
         """The PG loop, then slice and save its current hard mask; returns "finished" or "stopped"."""
+        start = time.perf_counter()
         if self.pg is None:
             space = PruningSpace.from_model(self.loaded.model, self.loaded.adapter, self.config.granularity)
-            self.pg = build_run(self.loaded, space, self.config, self.dir)
-        self._status = self.pg.status = "running"
+            self.pg = build_run(self.loaded, space, self.config, self.dir, on_status=lambda run: self._write())
+        self._status = "running"
         self.pg.resume()  # a pause left over from before a stop does not carry into the new thread
         thread = self.pg.start()
         if self._stop_asked:
             self.pg.stop()
         thread.join()
         if self.pg.status == "failed":
-            raise RuntimeError(self.pg.error)
+            raise PrunerError(self.pg.error or "the search failed")
         ended = self.pg.status  # finished or stopped
-        self._status = "saving"
-        self._write_status()
-        run = self.pg
-        pruned, _, report = prune(self.loaded, self.config,
-                                  method=lambda loaded, _space, config: selection_of(run, loaded, config))
-        self._save(pruned, report)
+        self._write()
+        selection = selection_of(self.pg)
+        pruned = apply(self.loaded, self.config, self.pg.space, selection)
+        self._save(pruned, report(self.loaded, self.config, self.pg.space, selection, pruned,
+                                  time.perf_counter() - start))
         return ended
 
-    def _save(self, pruned, report: dict) -> None:
-        self.report = report
-        save_pruned(pruned, self.loaded.tokenizer, self.dir / MODEL_SUBDIR, report, overwrite=True)
+    def _save(self, pruned, result: dict) -> None:
+        self.report = result
+        save_pruned(pruned, self.loaded.tokenizer, self.dir / MODEL_SUBDIR, result, overwrite=True)
 
-    def _write_status(self, status: str | None = None) -> None:
-        info = self.info() | ({"status": status} if status else {})
-        if self.pg:  # the PG loop writes its own status; keep its fields, add ours
-            info["step"], info["steps"] = self.pg.step, self.pg.config.steps
-        write_json_atomically(self.dir / STATUS, info)
-
-
-def settings_of(config: PruneConfig, model_spec: str) -> dict:
-    return {"model": model_spec, **dataclasses.asdict(config)}
+    def _write(self, status: str | None = None) -> None:
+        step, steps = self.progress()
+        self.record.write(status=status or self.status, step=step, steps=steps, error=self.error,
+                          has_model=(self.dir / MODEL_SUBDIR / REPORT_FILE).is_file())
 
 
 class Studio:
@@ -175,6 +176,10 @@ class Studio:
         self.root = Path(root) if root else runs_dir()
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+
+    def folder(self, run_id: str) -> Path:
+        """The folder of run `run_id`, strictly inside the runs folder (PrunerError otherwise)."""
+        return inside(self.root, run_id, "run id")
 
     def active(self) -> Job | None:
         with self._lock:
@@ -191,7 +196,7 @@ class Studio:
         config = dataclasses.replace(config, run_dir=None).validate()
         self._refuse_if_busy()
         run_id = new_run_id(config)
-        job = Job(run_id, self.root / run_id, private_copy(loaded), config)
+        job = Job(run_id, self.folder(run_id), private_copy(loaded), config)
         with self._lock:
             self.jobs[run_id] = job
         job.start()
@@ -207,12 +212,12 @@ class Studio:
         self._refuse_if_busy()
         job = self.get(run_id)
         if job is None:
-            run_dir = self.root / run_id
-            if not (run_dir / CHECKPOINT).is_file():
+            run_dir = self.folder(run_id)
+            if not has_checkpoint(run_dir):
                 raise PrunerError(f"run {run_id} has no checkpoint to resume from")
-            config = config_from_run(run_dir)
-            spec = read_status(run_dir).get("settings", {}).get("model", "embedded")
-            job = Job(run_id, run_dir, private_copy(load(spec)), config)
+            settings = read_settings(run_dir)
+            config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
+            job = Job(run_id, run_dir, private_copy(load(settings.get("model", "embedded"))), config)
             with self._lock:
                 self.jobs[run_id] = job
         if job.config.method != "pg":
@@ -228,13 +233,13 @@ class Studio:
         out = []
         if self.root.is_dir():
             for path in sorted(self.root.iterdir(), reverse=True):
-                if not (path / STATUS).is_file():
+                if path.name.startswith(".") or not (path / "status.json").is_file():
                     continue
                 job = self.get(path.name)
                 if job is not None:
                     info = job.info()
                 else:
-                    info = read_status(path) | {"id": path.name, "dir": str(path),
+                    info = read_record(path) | {"id": path.name, "dir": str(path),
                                                 "has_model": (path / MODEL_SUBDIR / REPORT_FILE).is_file()}
                     if info.get("status") in LIVE:
                         info["status"] = "interrupted"
@@ -245,29 +250,19 @@ class Studio:
         job = self.get(run_id)
         if job is not None and job.is_alive:
             raise PrunerError(f"run {run_id} is still going: stop it before deleting it")
-        path = self.root / run_id
-        if not (path / STATUS).is_file():
+        path = self.folder(run_id)
+        if not (path / "status.json").is_file():
             raise PrunerError(f"no run {run_id} in {self.root}")
         shutil.rmtree(path)
         with self._lock:
             self.jobs.pop(run_id, None)
 
 
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / STATUS).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {"status": "unknown"}
-
-
 def saved_history(run_dir: Path) -> dict:
-    """History of a run that no job holds (from its checkpoint), for reopening its charts."""
-    import torch
-
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        return RunHistory().read()
-    return torch.load(path, weights_only=False)["history"]
+    """History of a run that no job holds (from its checkpoint), for reopening its charts.
+    A damaged checkpoint raises a PrunerError; none gives an empty history."""
+    ckpt = load_checkpoint(run_dir)
+    return ckpt.history if ckpt is not None else RunHistory().read()
 
 
 def saved_report(run_dir: Path) -> dict | None:

@@ -46,11 +46,6 @@ def channels_matrix(snapshot: dict, bins: int = 64) -> Tensor:
     return padded_rows(rows)
 
 
-def loss_rows(steps: list[dict]) -> list[dict]:
-    """One row per (step, sample): for a scatter of the K sample losses."""
-    return [{"step": r["step"], "sample": j, "loss": x} for r in steps for j, x in enumerate(r["losses"])]
-
-
 CURVE_FIELDS = ("step", "loss_mean", "baseline", "grad_variance", "lr", "expected_kept_fraction",
                 "target_kept_fraction", "heads_mean", "heads_entropy", "channels_mean", "channels_entropy",
                 "tokens_per_s", "step_time_s")

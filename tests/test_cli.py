@@ -60,8 +60,13 @@ def test_prune_magnitude_then_eval_and_generate(tmp_path):
     assert info["total_params"] == report["params_after"]
     gen = cli_json("generate", "--model", str(out), "--prompt", "The jury said", "--max-new-tokens", "5")
     assert gen["prompt"] == "The jury said" and isinstance(gen["completion"], str)
-    # our own directory may be replaced without --overwrite
-    cli("prune", "--ratio", "0.3", "--out", str(out), "--json")
+    # an earlier pruned model is replaced only with --overwrite
+    before = (out / "model.safetensors").read_bytes()
+    proc = cli("prune", "--ratio", "0.3", "--out", str(out), "--json", expect=2)
+    assert "--overwrite" in proc.stderr and (out / "model.safetensors").read_bytes() == before
+    again = cli_json("prune", "--ratio", "0.3", "--out", str(out), "--overwrite")
+    assert json.loads((out / "report.json").read_text())["achieved_ratio"] == again["achieved_ratio"]
+    assert abs(again["achieved_ratio"] - 0.3) < 0.01
 
 
 @pytest.mark.parametrize("args, message", [

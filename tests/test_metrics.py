@@ -9,7 +9,7 @@ from tiny_models import ARCHS, tiny_model
 from pruner.adapters import adapter_for
 from pruner.calibration import InputStats, collect_input_stats, input_means
 from pruner.masking import masked
-from pruner.methods import bias_compensation
+from pruner.prune import compensation as bias_compensation
 from pruner.scores import flap_bias, flap_channel_scores, group_channels, wanda_sp_channel_scores
 from pruner.space import Mask, PruningSpace
 
@@ -109,7 +109,8 @@ def test_mean_filled_masked_logits_equal_sliced_logits_with_compensation(arch, g
     channels set to their calibration means == sliced, plus FLAP's bias."""
     from test_space_masking_slicing import random_mask
 
-    from pruner.slicing import add_output_bias, sliced_copy
+    from pruner.methods import Selection
+    from pruner.prune import apply
 
     model = tiny_model(arch)
     adapter = adapter_for(model)
@@ -121,9 +122,7 @@ def test_mean_filled_masked_logits_equal_sliced_logits_with_compensation(arch, g
     ids = torch.randint(0, 97, (2, 10), generator=g)
     with torch.no_grad(), masked(model, adapter, space, mask, fill):
         want = model(ids).logits
-    sliced = sliced_copy(model, adapter, space, mask)
-    for l, which, delta in bias_compensation(SimpleNamespace(model=model, adapter=adapter), space, mask, stats):
-        add_output_bias(sliced, adapter, l, which, delta)
+    sliced = apply(SimpleNamespace(model=model, adapter=adapter), None, space, Selection(mask, compensate=True), stats)
     with torch.no_grad():
         got = sliced(ids).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()

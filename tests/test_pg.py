@@ -9,7 +9,9 @@ from tiny_models import tiny_model
 from pruner import pg_math
 from pruner.adapters import adapter_for
 from pruner.errors import PrunerError
-from pruner.pg_run import PGConfig, PGRun, hard_mask, project_probs
+from pruner.pg.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT
+from pruner.pg.config import PGConfig
+from pruner.pg.run import PGRun
 from pruner.space import PruningSpace
 
 
@@ -36,6 +38,60 @@ def test_estimator_is_unbiased_on_a_toy_objective(estimator):
     est = per_sample.mean(0)
     stderr = per_sample.std(0) / math.sqrt(n)
     assert ((est - true).abs() < 4 * stderr).all(), (est, true, stderr)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "reference"])
+@pytest.mark.parametrize("use_baseline", [True, False])
+def test_one_whole_step_matches_its_exact_expectation_by_enumeration(estimator, use_baseline):
+    """E[s_new] over every pair of K = 2 masks of 3 units equals s - lr * c * dE[L]/ds, where
+    c = (K - 1/T) / (K - 1) with the moving baseline (it holds this step's losses with weight 1/T)
+    and K / (K - 1) without; the reference score adds a factor sqrt(s(1-s)) per unit."""
+    import itertools
+
+    s = torch.tensor([0.3, 0.6, 0.8], dtype=torch.float64)
+    a, b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 1.5
+    k, window, lr, previous = 2, 5, 0.1, 0.7
+    masks = [torch.tensor(m, dtype=torch.float64) for m in itertools.product([0.0, 1.0], repeat=3)]
+    expected_s = torch.zeros(3, dtype=torch.float64)
+    for pair in itertools.product(masks, repeat=k):
+        m = torch.stack(pair)
+        prob = float(torch.prod(torch.where(m == 1, s, 1 - s)))
+        s_new, _, _ = pg_math.pg_step(s, m, toy_loss(m, a, b), previous, lr, estimator=estimator, window=window,
+                                      use_baseline=use_baseline)
+        expected_s += prob * s_new
+    true = a.clone()
+    true[0] += b * s[1]
+    true[1] += b * s[0]
+    scale = (k - 1 / window) / (k - 1) if use_baseline else k / (k - 1)
+    if estimator == "reference":
+        true = true * (s * (1 - s) + 1e-8).sqrt()
+    torch.testing.assert_close(expected_s, s - lr * scale * true, rtol=1e-6, atol=1e-9)
+
+
+def test_the_run_composes_its_step_from_pg_step_and_the_projection(monkeypatch):
+    """do_step's new probabilities are exactly pg_step's on the masks it sampled, projected."""
+    run = make_run(steps=5, lr=0.2, window=3)
+    captured = {}
+    real_sample = pg_math.sample_masks
+
+    def sample(s, k, generator):
+        captured["masks"] = real_sample(s, k, generator)
+        return captured["masks"]
+
+    monkeypatch.setattr(pg_math, "sample_masks", sample)
+    run.do_step()  # the first step sets the baseline; check the second, with a baseline
+    s_before, baseline_before = torch.cat([run.s_h, run.s_c]), run.baseline
+    real_losses = run.sample_losses
+    monkeypatch.setattr(run, "sample_losses", lambda masks, batch: captured.setdefault("losses", real_losses(masks, batch)))
+    run.do_step()
+    lr = pg_math.cosine_lr(1, 5, 0.2)
+    s_new, baseline, _ = pg_math.pg_step(s_before, captured["masks"], captured["losses"], baseline_before, lr,
+                                         estimator="reference", window=3)
+    n_h = len(run.s_h)
+    p_h, p_c = run.project(s_new[:n_h], s_new[n_h:])
+    assert run.baseline == baseline
+    torch.testing.assert_close(run.s_h, p_h, rtol=0, atol=0)
+    torch.testing.assert_close(run.s_c, p_c, rtol=0, atol=0)
 
 
 def test_reference_scaling_and_baseline_update():
@@ -133,53 +189,47 @@ def test_pg_finds_the_units_that_matter():
     assert run.history.steps[-1]["expected_kept_fraction"] <= 0.5 + 1e-3
 
 
-def test_projection_and_hard_mask_hold_the_budget_for_every_form():
-    model = tiny_model("qwen2")
-    adapter = adapter_for(model)
-    for granularity in ("kv_group", "query_head"):
-        space = PruningSpace.from_model(model, adapter, granularity)
-        costs = space.unit_costs()
-        g = torch.Generator().manual_seed(1)
-        for budget in ("separate", "joint"):
-            for scope in ("global", "per_layer"):
-                s_h = torch.rand(len(costs[0]), generator=g, dtype=torch.float64) + 0.5
-                s_c = torch.rand(len(costs[1]), generator=g, dtype=torch.float64) + 0.5
-                p_h, p_c = project_probs(space, s_h, s_c, 0.6, budget, scope, costs)
-                total = float((p_h * costs[0]).sum() + (p_c * costs[1]).sum())
-                assert total <= 0.6 * float(costs[0].sum() + costs[1].sum()) * (1 + 1e-3)
-                mask = hard_mask(space, p_h, p_c, 0.6, budget, scope)
-                kept = space.kept_params(mask)
-                dense = space.decoder_linear_params()
-                assert kept <= 0.6 * dense + (0.1 * dense if granularity == "query_head" else 1)
-                assert kept >= 0.45 * dense
+def wait_until(predicate, timeout=60.0):
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_run_records_history_and_pauses_and_stops(tmp_path):
+    statuses = []
     run = make_run(steps=6, run_dir=tmp_path / "run")
+    run.on_status = lambda r: statuses.append((r.status, r.step))
     run.pause()
     run.start()
-    import time
-
-    time.sleep(0.3)
-    assert run.status == "paused" and run.step == 0
+    wait_until(lambda: run.status == "paused")
+    assert run.step == 0
     run.resume()
     run.wait(60)
     assert run.status == "finished" and run.step == 6
+    assert statuses[0] == ("running", 0) and ("paused", 0) in statuses and statuses[-1] == ("finished", 6)
     h = run.history.read()
-    assert len(h["steps"]) == 6 and len(h["evals"]) == 3 and len(h["snapshots"]) == 4  # step 0, 2, 4, 6
-    step = h["steps"][-1]
-    for key in ("losses", "baseline", "grad_variance", "heads_mean", "channels_entropy", "expected_kept_fraction",
-                "lr", "tokens_per_s"):
-        assert key in step
-    assert len(step["losses"]) == 2
-    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert [r["step"] for r in h["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in h["evals"]] == [2, 4, 6] and all(e["ppl"] > 1 for e in h["evals"])
+    assert [snap["step"] for snap in h["snapshots"]] == [0, 2, 4, 6]
+    for record in h["steps"]:
+        losses = torch.tensor(record["losses"])
+        assert len(losses) == 2 and bool(torch.isfinite(losses).all())
+        assert record["loss_mean"] == pytest.approx(float(losses.mean()))
+        assert record["expected_kept_fraction"] <= 0.5 + 1e-3
+        assert 0 <= record["heads_min"] <= record["heads_mean"] <= record["heads_max"] <= 1
+        assert record["lr"] == pytest.approx(pg_math.cosine_lr(record["step"] - 1, 6, run.config.lr))
+    assert h["steps"][0]["baseline"] == pytest.approx(h["steps"][0]["loss_mean"])  # first step: the mean
+    assert (tmp_path / "run" / CHECKPOINT).is_file()
 
     stopper = make_run(steps=500, run_dir=tmp_path / "run2")
     stopper.start()
-    time.sleep(0.5)
+    wait_until(lambda: stopper.step >= 2)
     stopper.stop()
     stopper.wait(60)
-    assert stopper.status == "stopped" and 0 < stopper.step < 500
+    assert stopper.status == "stopped" and 2 <= stopper.step < 500
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -228,16 +278,16 @@ def test_sigkilled_run_resumes_on_the_same_trajectory(tmp_path):
         "import sys, time; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
         "from test_pg import make_run\n"
         "run = make_run(steps=30, run_dir=%r)\n"
+        "run.on_status = lambda r: open(%r, 'w').write(str(r.step))\n"
         "run.run(progress=lambda record: time.sleep(0.15))\n"
-    ) % (str(Path(__file__).parent), str(Path(__file__).parent.parent), str(run_dir))
+    ) % (str(Path(__file__).parent), str(Path(__file__).parent.parent), str(run_dir), str(tmp_path / "step"))
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
-            status = run_dir / "status.json"
-            if status.is_file() and (run_dir / "checkpoint.pt").is_file():
-                if json.loads(status.read_text())["step"] >= 6:
-                    break
+            step = tmp_path / "step"
+            if (run_dir / CHECKPOINT).is_file() and step.is_file() and step.read_text() and int(step.read_text()) >= 6:
+                break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -254,16 +304,12 @@ def test_sigkilled_run_resumes_on_the_same_trajectory(tmp_path):
 
 
 @pytest.mark.parametrize("compensate", [False, True])
-def test_bias_compensation_scores_mean_filled_masks_and_saves_the_bias(monkeypatch, compensate):
-    from types import SimpleNamespace
-
-    from pruner import methods
+def test_bias_compensation_scores_mean_filled_masks_and_saves_the_bias(compensate):
     from pruner.calibration import collect_input_stats, input_means
-    from pruner.pg_run import selection_of
+    from pruner.methods.pg import selection_of
 
     plain = make_run(steps=2)
-    stats = collect_input_stats(plain.model, plain.adapter, plain.blocks[:4])
-    fill = input_means(stats)
+    fill = input_means(collect_input_stats(plain.model, plain.adapter, plain.blocks[:4]))
     if compensate:
         with pytest.raises(PrunerError, match="calibration means"):
             make_run(steps=2, bias_compensation=True)
@@ -273,12 +319,72 @@ def test_bias_compensation_scores_mean_filled_masks_and_saves_the_bias(monkeypat
     same = torch.equal(run.sample_losses(masks, run.batch_at(0)), plain.sample_losses(masks, plain.batch_at(0)))
     assert same != compensate  # mean-filled channels change every loss
     run.run()
-    monkeypatch.setattr(methods, "calibration_stats", lambda loaded, config: stats)
-    loaded = SimpleNamespace(model=run.model, adapter=run.adapter)
-    selection = selection_of(run, loaded, config=None)
-    mask = run.current_mask()
-    assert all(torch.equal(a, b) for a, b in zip(selection.mask.channels, mask.channels))
-    expected = methods.bias_compensation(loaded, run.space, mask, stats) if compensate else []
-    assert len(selection.bias_updates) == len(expected)
-    for (l, which, delta), (l2, which2, delta2) in zip(selection.bias_updates, expected):
-        assert (l, which) == (l2, which2) and torch.equal(delta, delta2)
+    selection = selection_of(run)
+    assert selection.compensate == compensate
+    assert all(torch.equal(a, b) for a, b in zip(selection.mask.channels, run.current_mask().channels))
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(penalty=float("nan")), dict(lr=1e9)])
+def test_non_finite_settings_or_updates_fail_the_run_with_a_message(bad, tmp_path):
+    if bad.get("lr") == 1e9:  # finite but absurd: caught by its bound
+        with pytest.raises(PrunerError, match="lr"):
+            PGConfig(**bad).validate()
+        return
+    with pytest.raises(PrunerError, match="bad policy-gradient setting"):
+        PGConfig(**bad).validate()
+
+
+def test_a_non_finite_loss_stops_the_run_as_failed(tmp_path):
+    run = make_run(steps=4, run_dir=tmp_path / "r")
+    run.sample_losses = lambda masks, batch: torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    with pytest.raises(PrunerError, match="non-finite loss"):
+        run.run()
+    assert run.status == "failed" and "non-finite" in run.error and run.step == 0
+
+
+def test_a_crafted_pickle_checkpoint_is_never_opened(tmp_path):
+    """A checkpoint.pt that would run code when unpickled is refused unread."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / LEGACY_CHECKPOINT).write_bytes(pickle.dumps({"settings": Exploit()}))
+    run = make_run(steps=2, run_dir=run_dir)
+    with pytest.raises(PrunerError, match="pickle"):
+        run.load_checkpoint()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "bad_meta", "out_of_range"])
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    run = make_run(steps=2, run_dir=tmp_path / "r")
+    run.run()
+    path = tmp_path / "r" / CHECKPOINT
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        if damage == "bad_meta":
+            meta = {"pruner_checkpoint": _json.dumps({"format": 1, "step": "two"})}
+        else:
+            tensors["s_h"] = tensors["s_h"] + 5
+        save_file(tensors, str(path), metadata=meta)
+    fresh = make_run(steps=2, run_dir=tmp_path / "r")
+    with pytest.raises(PrunerError, match="damaged"):
+        fresh.load_checkpoint()

@@ -72,6 +72,9 @@ def test_resave_over_our_own_directory(tmp_path):
     first = sliced_copy(model, adapter, space, random_mask(space, seed=4))
     second = sliced_copy(model, adapter, space, random_mask(space, seed=5))
     save_pruned(first, None, tmp_path / "out")
-    save_pruned(second, None, tmp_path / "out")
+    with pytest.raises(PrunerError, match="already holds a pruned model"):
+        save_pruned(second, None, tmp_path / "out")
+    assert torch.equal(logits(load_pruned(tmp_path / "out", torch.float32)), logits(first))
+    save_pruned(second, None, tmp_path / "out", overwrite=True)
     assert torch.equal(logits(load_pruned(tmp_path / "out", torch.float32)), logits(second))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -66,6 +66,32 @@ def test_masked_logits_equal_sliced_logits(arch, granularity):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_masked_logits_equal_logits_with_zeroed_columns(arch):
+    """Independent of slicing: masking a unit equals zeroing its o_proj / down_proj input columns."""
+    import copy
+
+    model = tiny_model(arch)
+    adapter = adapter_for(model)
+    for granularity in GRANULARITIES:
+        space = PruningSpace.from_model(model, adapter, granularity)
+        mask = random_mask(space, seed=5)
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            for l in range(space.n_layers):
+                layer = adapter.layers(zeroed)[l]
+                head_keep = mask.heads[l].float()[space.head_unit_of_channel(l)]
+                layer.self_attn.o_proj.weight.mul_(head_keep)
+                chan_keep = mask.channels[l].float()[space.channel_unit_of_channel(l)]
+                layer.mlp.down_proj.weight.mul_(chan_keep)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            with masked(model, adapter, space, mask):
+                got = model(ids).logits
+            expected = zeroed(ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_generation_with_cache_matches_masked_model(arch):
     """Greedy decoding through the KV cache, including a layer-0 attention that was removed."""
     model = tiny_model(arch)
@@ -88,8 +114,11 @@ def test_full_mask_is_dense_and_costs_add_up():
     for g in GRANULARITIES:
         space = PruningSpace.from_model(model, adapter, g)
         full = space.full_mask()
-        with torch.no_grad(), masked(model, adapter, space, full):
-            torch.testing.assert_close(model(ids).logits, model(ids).logits)
+        with torch.no_grad():
+            dense = model(ids).logits
+            with masked(model, adapter, space, full):
+                under_full_mask = model(ids).logits
+        torch.testing.assert_close(under_full_mask, dense, rtol=0, atol=0)
         assert space.kept_params(full) == space.decoder_linear_params() == decoder_linear_numel(model, adapter)
         heads, chans = space.unit_costs()
         fixed = space.decoder_linear_params() - heads.sum().item() - chans.sum().item()

@@ -10,8 +10,9 @@ import torch
 from pruner import views
 from pruner.errors import PrunerError
 from pruner.models import load_model
-from pruner.pg_run import PGConfig
-from pruner.prune import PruneConfig
+from pruner.config import PruneConfig
+from pruner.pg.checkpoint import load_checkpoint
+from pruner.pg.config import PGConfig
 from pruner.studio import MODEL_SUBDIR, Studio, saved_history
 
 TINY_PG = PGConfig(steps=4, samples=2, batch_size=1, seqlen=16, init="const", eval_every=2, eval_windows=2,
@@ -105,7 +106,7 @@ def test_a_run_killed_with_its_process_shows_interrupted_and_resumes_from_disk(t
     (tmp_path / job.id / "status.json").write_text(json.dumps(status))
     second = Studio(tmp_path)
     assert second.runs()[0]["status"] == "interrupted"
-    checkpointed = torch.load(tmp_path / job.id / "checkpoint.pt", weights_only=False)["step"]
+    checkpointed = load_checkpoint(tmp_path / job.id).step
     job.stop()
     job.wait(120)
     resumed = second.resume(job.id, lambda spec: embedded)

@@ -1,0 +1,83 @@
+"""Policy gradient (Gao et al., arXiv 2406.10576): learn a keep probability per unit from forward
+passes only. This file builds a search from a model and a corpus and turns its result into a
+Selection; the loop itself is pruner.pg.run, the math pruner.pg_math."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..calibration import calibration_stats, input_means
+from ..corpus import load_text
+from ..pg.run import PGRun, training_blocks
+from ..run_record import RunRecord
+from ..space import PruningSpace
+from ..windows import eval_windows, tokenize
+from . import flap, magnitude, wanda_sp
+from .base import Method, Selection, UnitScores
+
+INIT_SCORES: dict[str, Callable] = {"flap": flap.unit_scores, "wanda-sp": wanda_sp.unit_scores,
+                                    "magnitude": magnitude.unit_scores}
+
+
+def settings_of(loaded, config) -> dict:
+    """What a run folder records about its run: the model and the whole PruneConfig."""
+    return {"model": loaded.spec, **config.to_dict()}
+
+
+def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None,
+              on_status: Callable[[PGRun], None] | None = None) -> PGRun:
+    """Tokenise the corpus, compute the init metric, and create a run, continued from run_dir's
+    checkpoint when there is one."""
+    pg = config.pg
+    blocks = training_blocks(tokenize(loaded.tokenizer, load_text(config.data, "train")), pg.seqlen, config.seed)
+    valid = eval_windows(tokenize(loaded.tokenizer, load_text(config.data, "validation")), pg.seqlen, pg.eval_windows)
+    init_scores: UnitScores | None = None
+    if pg.init != "random":
+        init_scores = INIT_SCORES[pg.init_metric](loaded, space, config)
+    fill = input_means(calibration_stats(loaded, config)) if pg.bias_compensation else None
+    run = PGRun(loaded.model, loaded.adapter, space, config.ratio, pg, config.seed, blocks, valid, init_scores,
+                run_dir, settings_of(loaded, config), fill, on_status)
+    run.load_checkpoint()
+    return run
+
+
+def record_status(record: RunRecord) -> Callable[[PGRun], None]:
+    """An `on_status` callback that keeps a run folder's record in step with the search."""
+    def report(run: PGRun) -> None:
+        record.write(status=run.status, step=run.step, steps=run.config.steps, error=run.error)
+    return report
+
+
+def selection_of(run: PGRun) -> Selection:
+    """The hard mask of a run's current probabilities; compensated when the search scored masks so."""
+    history = run.history.read()
+    return Selection(run.current_mask(), compensate=run.config.bias_compensation, extra={"pg": {
+        "steps": run.step,
+        "final_loss_mean": history["steps"][-1]["loss_mean"] if history["steps"] else None,
+        "validation_ppl": history["evals"],
+        "run_dir": str(run.run_dir) if run.run_dir else None,
+    }})
+
+
+def select(loaded, space: PruningSpace, config) -> Selection:
+    """Run (or continue) a search in the foreground with a progress bar; its record in run_dir."""
+    run_dir = Path(config.run_dir) if config.run_dir else None
+    on_status = record_status(RunRecord(run_dir, settings_of(loaded, config))) if run_dir else None
+    run = build_run(loaded, space, config, run_dir, on_status)
+    bar = tqdm(total=run.config.steps, initial=run.step, desc="policy gradient", unit="step")
+
+    def progress(record: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss_mean']:.3f}", kept=f"{record['expected_kept_fraction']:.3f}")
+
+    try:
+        run.run(progress)
+    finally:
+        bar.close()
+    return selection_of(run)
+
+
+METHOD = Method("pg", "policy-gradient search over Bernoulli keep probabilities (forward passes only)", select)

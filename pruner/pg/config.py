@@ -1,0 +1,98 @@
+"""The knobs of the policy-gradient search, described once.
+
+Each field carries its help text, label and bounds in its metadata (`knob`); the CLI flags
+(pruner.cli) and the studio's form (app_pages/prune.py) are generated from them, and `validate`
+checks them, so a knob is added in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from ..budget import BUDGETS, SCOPES
+from ..errors import PrunerError
+from ..pg_math import ESTIMATORS, INITS
+
+INIT_METRICS = ("flap", "wanda-sp", "magnitude")
+FORWARD_DTYPES = ("auto", "fp32", "bf16")
+
+
+def knob(default, help: str, label: str, lo=None, hi=None, choices: tuple | None = None, advanced: bool = False):
+    """A dataclass field with the metadata the CLI and the studio form are built from.
+    `lo`/`hi` bound numbers (inclusive); `choices` lists the allowed strings."""
+    return field(default=default, metadata={"help": help, "label": label, "lo": lo, "hi": hi, "choices": choices,
+                                            "advanced": advanced})
+
+
+@dataclass(frozen=True)
+class PGConfig:
+    """Knobs of the policy-gradient search; defaults sized for the embedded model on 2 CPU cores.
+    The reference runs 15,000 steps of 8 x 128 tokens with lr 2e-3 on 7B models."""
+
+    steps: int = knob(240, "search steps", "Steps", 1, 10_000_000)
+    samples: int = knob(2, "K masks sampled per step, each scored on the batch (>= 2)", "Samples per step (K)", 2, 1024)
+    batch_size: int = knob(4, "sequences per mask", "Batch size", 1, 4096)
+    seqlen: int = knob(128, "tokens per calibration block", "Sequence length", 2, 1_000_000)
+    lr: float = knob(0.01, "initial learning rate (cosine decay to 0)", "Learning rate", 1e-8, 1e3)
+    window: int = knob(5, "T of the moving-average baseline. It is updated with this step's losses before the "
+                          "gradient, which scales the expected step by (K - 1/T) / (K - 1)", "Baseline window (T)",
+                       1, 1_000_000)
+    use_baseline: bool = knob(True, "subtract the moving-average baseline from the losses", "Moving baseline")
+    estimator: str = knob("reference", "reference: (L-b)(m-s)/sqrt(s(1-s)); exact: (L-b)(m-s)/(s(1-s))", "Estimator",
+                          choices=ESTIMATORS)
+    budget: str = knob("separate", "separate: heads and channels each keep 1-ratio in expectation; joint: one "
+                                   "parameter budget that heads and channels share", "Budget", choices=BUDGETS)
+    scope: str = knob("global", "global: one budget over all layers (layers find their own sparsity); "
+                                "per_layer: every layer keeps 1-ratio", "Scope", choices=SCOPES)
+    init: str = knob("sigmap", "sigmap, const or norm map a metric to probabilities; random ignores it",
+                     "Initialisation", choices=INITS)
+    init_metric: str = knob("flap", "the metric behind sigmap / const / norm", "Init metric", choices=INIT_METRICS)
+    init_const: float = knob(0.9, "c of the const init", "Const init c", 0.5, 1.0, advanced=True)
+    penalty: float = knob(0.0, "weight of the log-odds penalty (decays with the learning rate)", "Log-odds penalty",
+                          0.0, 1e6, advanced=True)
+    prob_floor: float = knob(0.01, "keep every s in [floor, 1 - floor] so every unit stays explorable (0: the "
+                                   "reference)", "Probability floor", 0.0, 0.49, advanced=True)
+    forward_dtype: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls were several times "
+                                      "slower on the CPUs measured)", "Forward dtype", choices=FORWARD_DTYPES,
+                              advanced=True)
+    bias_compensation: bool = knob(True, "score each sampled mask, and save the result, with FLAP's bias "
+                                         "compensation: removed channels take their calibration means (off: the "
+                                         "reference, removed channels at zero)", "Bias compensation")
+    eval_every: int = knob(40, "steps between validation perplexities of the current hard mask", "Evaluate every",
+                           1, 10_000_000, advanced=True)
+    eval_windows: int = knob(16, "validation windows per evaluation", "Evaluation windows", 1, 100_000, advanced=True)
+    snapshot_every: int = knob(10, "steps between probability snapshots (heatmaps)", "Snapshot every", 1, 10_000_000,
+                               advanced=True)
+    checkpoint_every: int = knob(20, "steps between checkpoints", "Checkpoint every", 1, 10_000_000, advanced=True)
+
+    def validate(self) -> "PGConfig":
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if isinstance(f.default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(f.default, (int, float)):
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                      and (meta["lo"] is None or value >= meta["lo"]) and (meta["hi"] is None or value <= meta["hi"]))
+                ok = ok and (isinstance(value, int) or isinstance(f.default, float))
+            else:
+                ok = value in meta["choices"]
+            if not ok:
+                raise PrunerError(f"bad policy-gradient setting: {f.name}={value!r}; expected {describe(f)}")
+        return self
+
+
+def describe(f) -> str:
+    """The allowed values of a knob, in words."""
+    meta = f.metadata
+    if isinstance(f.default, bool):
+        return "true or false"
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    kind = "an integer" if isinstance(f.default, int) else "a finite number"
+    return f"{kind} in [{meta['lo']}, {meta['hi']}]"
+
+
+def pg_fields():
+    """The knobs, in declaration order (for generated flags and forms)."""
+    return fields(PGConfig)
