@@ -66,7 +66,7 @@ def test_pure_math_imports_only_torch_and_other_pure_modules():
         for dep in internal(name):
             assert dep in PURE or dep.startswith("pruner.adapters"), f"{name} imports {dep}"
         third_party = {m.split(".")[0] for m in imports(name)} - {"pruner", "torch", "math", "itertools",
-                                                                   "dataclasses", "__future__", "collections", "typing"}
+                                                                   "dataclasses", "__future__", "collections", "typing", "re"}
         assert not third_party, f"{name} imports {third_party}"
 
 
