@@ -1,9 +1,16 @@
 """Speed and memory of one policy-gradient step beside plain inference of the dense model.
 
-Speed: a PG step (K masks sampled, one masked forward of K*B sequences, gradient, projection)
-is timed interleaved, in one loop, with K plain no-grad forwards of the dense model on the same
-(B, T) batch, with one plain forward of the K*B batch, and with the step's masked forward alone
-(`sample_losses`); medians and IQRs over the repeats. The step is also timed with fp32 and with
+Speed: a PG step (K masks sampled, their forwards, gradient, projection) is timed interleaved, in
+one loop, with K plain no-grad forwards of the dense model on the same (B, T) batch, with one
+plain forward of the K*B batch, and with the step's forwards alone (`sample_losses`); medians and
+IQRs over the repeats. The step runs with the default `forward_mode` (gathered: each mask on only
+its kept weights) unless --forward-mode says otherwise.
+
+Compute skipping: at expected kept fractions from 0.9 to 0.1 (pruning ratio 1 - f, random init
+projected onto the budget), a gathered step and a masked step (the same seed, so the same masks)
+are timed interleaved with K plain forwards of the same batch; the ratio step / K forwards against
+f is the curve, next to the share of the forward's matmul FLOPs that a kept fraction f leaves
+(decoder linears scale with f, the LM head does not). The step is also timed with fp32 and with
 bf16 forwards (`forward_dtype`), next to plain forwards in the same precision. The step's work
 outside the model (sampling, gradient, projection, record; mask stacking and hooks) is timed
 alone too, without a forward, since it is smaller than the forwards' spread.
@@ -16,11 +23,13 @@ CUDA `max_memory_allocated`; both as absolute peaks and as peaks above the loade
 
     .venv/bin/python -m bench.pg_speed               # torch's default threads
     .venv/bin/python -m bench.pg_speed --threads 1   # stable timings on a machine shared with other jobs
+    .venv/bin/python -m bench.pg_speed --threads 1 --only skipping --name pg_speed_skipping   # the curve alone
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -35,7 +44,8 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table, write_results
-from pruner.evaluate import token_nll
+from pruner.evaluate import token_nll, window_losses
+from pruner.gathered import FORWARD_MODES
 from pruner.masking import masked, stack_masks
 from pruner.models import load_model
 from pruner.methods.pg import build_run
@@ -48,19 +58,24 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("inference", "pg", "backward")
 DTYPES = ("fp32", "bf16")
 SPEED_TARGET = 1.10  # a PG step costs at most 10% more than K plain forwards
+SKIP_TARGET = 0.65  # at expected kept fraction 0.5, a gathered step costs at most 0.65x of K plain forwards
+CURVE = (0.9, 0.7, 0.5, 0.3, 0.1)  # expected kept fractions of the compute-skipping curve
+SECTIONS = ("speed", "dtypes", "skipping", "memory")
 MEMORY_TARGET = 1.25  # a PG run needs at most 1.25x the memory of plain inference
 
 
 # ---- building blocks ------------------------------------------------------------------------
 
-def make_run(loaded, args, forward_dtype: str) -> PGRun:
-    """A PG run at ratio 0.3 with no checkpoints. init "random" needs no calibration pass (every
-    other init scores units with a metric first); the step's cost does not depend on the init.
-    Measured without bias compensation (the reference's forward: inputs times masks)."""
+def make_run(loaded, args, forward_dtype: str, ratio: float = 0.3, forward_mode: str | None = None) -> PGRun:
+    """A PG run at `ratio` (0.3: expected kept fraction 0.7) with no checkpoints. init "random"
+    needs no calibration pass (every other init scores units with a metric first); the step's cost
+    does not depend on the init. Measured without bias compensation (the reference's forward:
+    inputs times masks; compensation adds one matrix-vector product per layer and mask)."""
     space = PruningSpace.from_model(loaded.model, loaded.adapter, "kv_group")
     pg = PGConfig(batch_size=args.batch_size, seqlen=args.seqlen, samples=args.samples, init="random",
-                  steps=10**6, forward_dtype=forward_dtype, bias_compensation=False)
-    return build_run(loaded, space, PruneConfig(method="pg", ratio=0.3, data=args.data, pg=pg), run_dir=None)
+                  steps=10**6, forward_dtype=forward_dtype, bias_compensation=False,
+                  forward_mode=forward_mode or args.forward_mode)
+    return build_run(loaded, space, PruneConfig(method="pg", ratio=ratio, data=args.data, pg=pg), run_dir=None)
 
 
 def sync(device: torch.device) -> None:
@@ -71,10 +86,8 @@ def sync(device: torch.device) -> None:
 @torch.no_grad()
 def dense_losses(run: PGRun, ids: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean NLL of the unmasked model on `ids` (N, T), in the run's precision."""
-    ids = ids.to(run.device)
-    with run._autocast():  # the same autocast as the step's forward, so precision is not a factor
-        logits = run.model(ids, use_cache=False).logits
-    return token_nll(logits, ids).mean(1)
+    with run._autocast():  # the same autocast and loss as the step's forwards: only the masks differ
+        return window_losses(run.model, ids)
 
 
 def timed(fn, device: torch.device) -> float:
@@ -97,7 +110,7 @@ def speed_series(run: PGRun, repeats: int, warmup: int = 1) -> dict[str, list[fl
     `step`      run.do_step() (samples K masks, masked forward of K*B sequences, update);
     `k_forwards` K plain forwards of the step's (B, T) batch, one after the other;
     `kb_forward` one plain forward of the K*B sequences (the step's forward without masks);
-    `masked_forward` run.sample_losses on K fresh masks (the step's forward with its hooks)."""
+    `masked_forward` run.sample_losses on K fresh masks (the step's forwards in its forward_mode)."""
     k, device = run.config.samples, run.device
     s = torch.cat([run.s_h, run.s_c])
 
@@ -123,10 +136,16 @@ def speed_series(run: PGRun, repeats: int, warmup: int = 1) -> dict[str, list[fl
 
 
 def mask_setup(run: PGRun, masks: torch.Tensor) -> None:
-    """What the step's forward adds before and after the model runs: K flat masks unflattened,
-    stacked to one row per sequence, expanded to channels, hooks registered and removed."""
+    """What the step's forwards add before and after the model runs: K flat masks unflattened;
+    masked: stacked to one row per sequence, expanded to channels, hooks registered and removed;
+    gathered: per mask, the kept rows and columns of every layer copied and swapped in, then out."""
     n_h, b = len(run.s_h), run.config.batch_size
     per_mask = [run.space.unflatten(m[:n_h], m[n_h:]) for m in masks]
+    if run.config.forward_mode == "gathered":
+        for mask in per_mask:
+            with run._under(mask):
+                pass
+        return
     with masked(run.model, run.adapter, run.space, stack_masks(per_mask, repeats=b)):
         pass
 
@@ -146,6 +165,82 @@ def overhead_series(run: PGRun, repeats: int) -> dict[str, list[float]]:
     setup = [timed(lambda: mask_setup(run, torch.bernoulli(s.expand(k, -1), generator=gen)), device)
              for _ in range(repeats)]
     return {"update": update, "mask_setup": setup}
+
+
+# ---- compute skipping: step cost against kept fraction -----------------------------------------
+
+def variant(run: PGRun, ratio: float, forward_mode: str) -> PGRun:
+    """A run like `run` (same model, batches, seed and knobs) at another ratio and forward mode."""
+    config = dataclasses.replace(run.config, forward_mode=forward_mode)
+    return PGRun(run.model, run.adapter, run.space, ratio, config, run.seed, run.blocks, run.valid)
+
+
+def matmul_share(run: PGRun, kept: float) -> float:
+    """The share of a dense forward's weight-matmul FLOPs left at kept fraction `kept`: decoder
+    linears scale with it, the LM head does not (attention scores and elementwise work left out)."""
+    decoder = run.space.decoder_linear_params()
+    head = run.model.get_output_embeddings().weight.numel()
+    return (kept * decoder + head) / (decoder + head)
+
+
+def skipping_series(base: PGRun, kept: float, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """At expected kept fraction `kept`: a gathered step, a masked step (same seed: the same masks)
+    and K plain forwards of the same batch, interleaved, the order rotated every repeat; also the
+    expected kept fraction before each step."""
+    runs = {mode: variant(base, 1.0 - kept, mode) for mode in ("gathered", "masked")}
+    k, device = base.config.samples, base.device
+    times = {"gathered_step": [], "masked_step": [], "k_forwards": [], "expected_kept": []}
+    for i in range(warmup + repeats):
+        batch = runs["gathered"].batch_at(runs["gathered"].step)
+        if i >= warmup:
+            times["expected_kept"].append(runs["gathered"].expected_kept_fraction())
+        todo = [("gathered_step", runs["gathered"].do_step), ("masked_step", runs["masked"].do_step),
+                ("k_forwards", lambda: [dense_losses(base, batch).cpu() for _ in range(k)])]
+        shift = i % len(todo)
+        for name, fn in todo[shift:] + todo[:shift]:
+            t = timed(fn, device)
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def skipping_rows(curve: dict[float, dict[str, list[float]]], base: PGRun) -> list[dict]:
+    rows = []
+    for kept, series in curve.items():
+        med = {name: statistics.median(ts) for name, ts in series.items()}
+        paired = [g / f for g, f in zip(series["gathered_step"], series["k_forwards"])]
+        rows.append({"expected_kept": med["expected_kept"], "gathered_step_s": med["gathered_step"],
+                     "masked_step_s": med["masked_step"], "k_forwards_s": med["k_forwards"],
+                     "gathered_over_k_forwards": med["gathered_step"] / med["k_forwards"],
+                     "paired_ratio": statistics.median(paired),
+                     "masked_over_k_forwards": med["masked_step"] / med["k_forwards"],
+                     "gathered_over_masked": med["gathered_step"] / med["masked_step"],
+                     "matmul_share": matmul_share(base, kept), "repeats": len(series["k_forwards"])})
+    return rows
+
+
+def skipping_markdown(rows: list[dict], args, device: str) -> list[str]:
+    f3 = "{:.3f}"
+    at_half = next((r for r in rows if abs(r["expected_kept"] - 0.5) < 0.02), None)
+    lines = [f"### Compute skipping: step cost against kept fraction ({args.model}, {device}, B={args.batch_size}, "
+             f"T={args.seqlen}, K={args.samples}, {torch.get_num_threads()} torch thread(s))", "",
+             "Medians over interleaved repeats, seconds. `gathered`: each sampled mask runs on only its kept "
+             "weights (`forward_mode=gathered`, the default); `masked`: all K masks in one batched forward of the "
+             "full model. `paired`: median of per-repeat ratios gathered step / K forwards. `matmul share`: the "
+             "dense forward's weight-matmul FLOPs left at that kept fraction (decoder linears x f, LM head whole), "
+             "the ideal ratio.", "",
+             markdown_table(rows, ["expected_kept", "gathered_step_s", "masked_step_s", "k_forwards_s",
+                                   "gathered_over_k_forwards", "paired_ratio", "masked_over_k_forwards",
+                                   "matmul_share", "repeats"],
+                            {c: f3 for c in ("expected_kept", "gathered_step_s", "masked_step_s", "k_forwards_s",
+                                             "gathered_over_k_forwards", "paired_ratio", "masked_over_k_forwards",
+                                             "matmul_share")})]
+    if at_half:
+        lines += ["", f"- At expected kept fraction {at_half['expected_kept']:.3f}: gathered step / K plain forwards "
+                      f"**{at_half['gathered_over_k_forwards']:.3f}x** (paired {at_half['paired_ratio']:.3f}x); "
+                      f"target <= {SKIP_TARGET:.2f}x: **{verdict(at_half['gathered_over_k_forwards'], SKIP_TARGET)}**. "
+                      f"The masked step at the same masks: {at_half['masked_over_k_forwards']:.3f}x."]
+    return lines
 
 
 # ---- memory probes: one workload per fresh process --------------------------------------------
@@ -259,10 +354,12 @@ def verdict(ratio: float, target: float) -> str:
     return f"met (<= {target:.2f}x)" if ratio <= target else f"missed (> {target:.2f}x)"
 
 
-def speed_rows(series: dict[str, list[float]], k: int, b: int) -> list[dict]:
+def speed_rows(series: dict[str, list[float]], k: int, b: int, mode: str) -> list[dict]:
+    forwards = (f"K={k} gathered forwards of {b} sequences" if mode == "gathered"
+                else f"one masked forward of {k * b} sequences")
     labels = {
-        "step": f"PG step (K={k} masks, one masked forward of {k * b} sequences, update)",
-        "masked_forward": f"its masked forward alone (`sample_losses`, {k * b} sequences)",
+        "step": f"PG step (K={k} masks, {forwards}, update)",
+        "masked_forward": f"its forwards alone (`sample_losses`, {mode})",
         "k_forwards": f"K={k} plain forwards of the same {b} sequences",
         "kb_forward": f"one plain forward of {k * b} sequences",
     }
@@ -308,15 +405,16 @@ def breakdown(series: dict[str, list[float]]) -> list[str]:
     med = {name: statistics.median(ts) for name, ts in series.items()}
     base = med["k_forwards"]
     parts = {"one batched forward instead of K": med["kb_forward"] - base,
-             "mask hooks (masked minus plain forward of K*B)": med["masked_forward"] - med["kb_forward"],
-             "sampling, gradient, projection, record (step minus its masked forward)": med["step"] - med["masked_forward"]}
+             "the step's forwards (gathered or masked) minus one plain forward of K*B": med["masked_forward"] - med["kb_forward"],
+             "sampling, gradient, projection, record (step minus its forwards)": med["step"] - med["masked_forward"]}
     return ["Where the step's difference to K plain forwards comes from (medians, share of the K forwards):", ""] + [
         f"- {label}: {delta / base:+.1%}" for label, delta in parts.items()]
 
 
 def overhead_lines(overhead: dict[str, list[float]], series: dict[str, list[float]]) -> list[str]:
     base = statistics.median(series["k_forwards"])
-    labels = {"update": "sampling, gradient, projection, record", "mask_setup": "mask stacking and hooks"}
+    labels = {"update": "sampling, gradient, projection, record",
+              "mask_setup": "mask setup (gathered: copying kept rows and columns in and out; masked: stacking, hooks)"}
     return [f"- measured alone, without a forward, {labels[n]}: {1e3 * statistics.median(ts):.2f} ms per step "
             f"({statistics.median(ts) / base:.2%} of the K forwards)" for n, ts in overhead.items()]
 
@@ -334,6 +432,12 @@ def dtype_rows(by_dtype: dict[str, dict[str, list[float]]]) -> list[dict]:
     return rows
 
 
+def load_line(load: dict) -> str:
+    return (f"Load average (1, 5, 15 min) before the timings {tuple(round(x, 2) for x in load['before'])}, "
+            f"after {tuple(round(x, 2) for x in load['after'])}: on a shared machine absolute seconds "
+            "vary with the load; the interleaved ratios are the result.")
+
+
 def markdown(args, device: str, speed: dict, speed_ratios: dict, overhead: dict, by_dtype: dict, memory: dict,
              mem_ratios: dict, load: dict) -> str:
     k, b = args.samples, args.batch_size
@@ -343,17 +447,18 @@ def markdown(args, device: str, speed: dict, speed_ratios: dict, overhead: dict,
     lines = [
         f"### Speed and memory of a policy-gradient step ({args.model}, {device}, B={b}, T={args.seqlen}, K={k})",
         "",
-        f"Seconds over {args.repeats} interleaved repeats (median, quartiles, IQR), forward precision `auto` "
+        f"Seconds over {args.repeats} interleaved repeats (median, quartiles, IQR), forward_mode `{args.forward_mode}` "
+        f"at expected kept fraction 0.7 (ratio 0.3), forward precision `auto` "
         f"({'bf16 autocast' if device.startswith('cuda') else 'fp32'}), {torch.get_num_threads()} torch thread(s):",
         "",
-        markdown_table(speed_rows(speed, k, b), ["measurement", "median_s", "q1_s", "q3_s", "iqr_s"],
+        markdown_table(speed_rows(speed, k, b, args.forward_mode), ["measurement", "median_s", "q1_s", "q3_s", "iqr_s"],
                        {c: f3 for c in ("median_s", "q1_s", "q3_s", "iqr_s")}),
         "",
         f"- PG step / K plain forwards: **{speed_ratios['step_over_k_forwards']:.3f}x** (median of per-repeat "
         f"ratios {speed_ratios['step_over_k_forwards_paired']:.3f}x); target <= {SPEED_TARGET:.2f}x: "
         f"**{verdict(speed_ratios['step_over_k_forwards'], SPEED_TARGET)}**.",
         f"- PG step / one plain forward of the K*B batch: {speed_ratios['step_over_kb_forward']:.3f}x "
-        f"(masked forward / plain: {speed_ratios['masked_over_kb_forward']:.3f}x; step / its masked forward: "
+        f"(its forwards / plain: {speed_ratios['masked_over_kb_forward']:.3f}x; step / its forwards: "
         f"{speed_ratios['step_over_masked_forward']:.3f}x, i.e. sampling, gradient and projection).",
         "",
         "Forward precision of the step (`PGConfig.forward_dtype`), medians in seconds:",
@@ -382,9 +487,7 @@ def markdown(args, device: str, speed: dict, speed_ratios: dict, overhead: dict,
         f"{mem_ratios['pg_over_backward_above_before']:.3f}x above the pre-workload state).",
     ]
     lines += ["", *breakdown(speed), *overhead_lines(overhead, speed), "",
-              f"Load average (1, 5, 15 min) before the timings {tuple(round(x, 2) for x in load['before'])}, "
-              f"after {tuple(round(x, 2) for x in load['after'])}: on a shared machine absolute seconds "
-              "vary with the load; the interleaved ratios are the result."]
+              load_line(load)]
     if not (speed_ok and mem_ok):
         lines += ["", "At least one target is missed on this machine (see the ratios above)."]
     return "\n".join(lines)
@@ -397,13 +500,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--samples", type=int, default=2, help="K masks per step")
+    ap.add_argument("--forward-mode", default=PGConfig().forward_mode, choices=FORWARD_MODES,
+                    help="the step's forward in the speed, precision and memory sections")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--dtype-repeats", type=int, default=5, help="repeats for the other forward precision")
     ap.add_argument("--overhead-repeats", type=int, default=50, help="repeats of the step's work without a forward")
+    ap.add_argument("--curve", type=float, nargs="+", default=list(CURVE), help="expected kept fractions to time")
+    ap.add_argument("--curve-repeats", type=int, default=8, help="repeats per kept fraction of the curve")
     ap.add_argument("--memory-steps", type=int, default=3, help="PG steps (and inference forwards) per memory probe")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 keeps CPU timings stable on a busy machine")
+    ap.add_argument("--only", choices=["skipping"], help="run only this section (results under --name)")
     ap.add_argument("--name", default="pg_speed")
     ap.add_argument("--memory-probe", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -417,6 +525,23 @@ def main() -> None:
     device = str(loaded.device)
     auto = "bf16" if loaded.device.type == "cuda" else "fp32"
     load_before = os.getloadavg()
+    base = make_run(loaded, args, auto)
+    curve = {}
+    for kept in args.curve:
+        curve[kept] = skipping_series(base, kept, args.curve_repeats)
+        print("kept", kept, {n: spread(ts)["median"] for n, ts in curve[kept].items()}, flush=True)
+    skip_rows = skipping_rows(curve, base)
+    skip_md = skipping_markdown(skip_rows, args, device)
+    payload = {"args": vars(args), "device": device, "auto_forward_dtype": auto,
+               "targets": {"step_over_k_forwards": SPEED_TARGET, "pg_over_inference_memory": MEMORY_TARGET,
+                           "gathered_step_over_k_forwards_at_half": SKIP_TARGET},
+               "skipping": skip_rows, "skipping_s": {str(k): v for k, v in curve.items()}}
+    if args.only == "skipping":
+        load = {"before": load_before, "after": os.getloadavg()}
+        md = "\n".join(skip_md + ["", load_line(load)])
+        write_results(args.name, payload | {"load_average": load}, md)
+        print(md)
+        return
     by_dtype = {}
     for dtype in sorted(DTYPES, key=lambda d: d != auto):  # the default precision first
         run = make_run(loaded, args, dtype)
@@ -432,9 +557,8 @@ def main() -> None:
     mem_ratios = memory_ratios(memory)
     load = {"before": load_before, "after": load_after}
     md = markdown(args, device, speed, speed_ratios, overhead, by_dtype, memory, mem_ratios, load)
-    write_results(args.name, {
-        "args": vars(args), "device": device, "auto_forward_dtype": auto,
-        "targets": {"step_over_k_forwards": SPEED_TARGET, "pg_over_inference_memory": MEMORY_TARGET},
+    md = md + "\n\n" + "\n".join(skip_md)
+    write_results(args.name, payload | {
         "speed_ratios": speed_ratios, "speed": {n: spread(ts) for n, ts in speed.items()},
         "timings_s": by_dtype, "overhead_s": overhead, "memory": memory, "memory_ratios": mem_ratios,
         "load_average": load,

@@ -12,7 +12,9 @@ layout is a subclass that overrides the accessors and the four slicing methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +76,34 @@ class RemovedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = torch.zeros_like(x)
         return out + self.bias if self.bias is not None else out
+
+
+class Swaps:
+    """Attributes replaced for a while (weights, biases, submodules, head counts) and put back by
+    `undo`, last first. Nothing is copied: the originals are held and restored as they were."""
+
+    def __init__(self):
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        self._undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def tensor(self, module: nn.Module, name: str, value: Tensor | None) -> None:
+        """Stand `value` in for the parameter `name` of `module` (a view: no copy is made)."""
+        self.set(module, name, None if value is None else nn.Parameter(value, requires_grad=False))
+
+    def undo(self) -> None:
+        while self._undo:
+            obj, name, value = self._undo.pop()
+            setattr(obj, name, value)
+
+
+def _with_bias(bias: Tensor | None, extra: Tensor | None) -> Tensor | None:
+    """bias + extra, either may be missing; a plain tensor (never the parameter itself)."""
+    if extra is None:
+        return None if bias is None else bias.detach()
+    return extra if bias is None else bias.detach() + extra.to(bias.dtype)
 
 
 def _rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
@@ -216,6 +246,70 @@ class Adapter:
             mlp = block.mlp
             mlp.gate_proj, mlp.up_proj = linear(hidden, d_ff, "gate_proj"), linear(hidden, d_ff, "up_proj")
             mlp.down_proj = linear(d_ff, hidden, "down_proj")
+
+    # ---- gathered forwards (pruner.gathered): swap kept rows / columns in for one forward ------
+    def is_offloaded(self, model: nn.Module, i: int) -> bool:
+        """True when layer i's weights are not resident (accelerate offload keeps them on `meta`
+        between forwards): they cannot be gathered beforehand."""
+        return any(p.device.type == "meta" for p in self.layers(model)[i].parameters())
+
+    def gather_attention(self, model: nn.Module, i: int, q_heads: Tensor, kv_heads: Tensor, swaps: Swaps,
+                         live: Tensor | None = None, extra_bias: Tensor | None = None,
+                         select: Callable[[Tensor, int, Tensor], Tensor] = Tensor.index_select) -> None:
+        """Until `swaps.undo()`, layer i's attention computes only query heads `q_heads` (sorted, the
+        same count per kept kv head) and kv heads `kv_heads`, on gathered copies of their rows of
+        q/k/v and columns of o (`select(weight, dim, index)` makes them). `live` (per kept query
+        head): False heads are computed but their o columns are zero. `extra_bias` (hidden,) is
+        added to o's output. No head kept: the sublayer is a `RemovedAttention` adding o's bias
+        (+ extra_bias)."""
+        block = self.layers(model)[i]
+        attn = block.self_attn
+        if not hasattr(attn, "q_proj"):
+            return
+        if len(q_heads) == 0:
+            standin = RemovedAttention(model.config.hidden_size, attn.layer_idx)
+            standin.bias = _with_bias(attn.o_proj.bias, extra_bias)  # a plain tensor: nothing to offload
+            swaps.set(block, "self_attn", standin)
+            return
+        hd = self.head_dim(model)
+        device = attn.q_proj.weight.device
+        q_ch, kv_ch = _channels_of_heads(q_heads, hd).to(device), _channels_of_heads(kv_heads, hd).to(device)
+        for linear, idx in ((attn.q_proj, q_ch), (attn.k_proj, kv_ch), (attn.v_proj, kv_ch)):
+            swaps.tensor(linear, "weight", select(linear.weight, 0, idx))
+            if linear.bias is not None:
+                swaps.tensor(linear, "bias", linear.bias.index_select(0, idx))
+        o = attn.o_proj
+        weight = select(o.weight, 1, q_ch)
+        if live is not None and not bool(live.all()):
+            weight.mul_(live.to(device).repeat_interleave(hd).to(weight.dtype))
+        swaps.tensor(o, "weight", weight)
+        if extra_bias is not None:
+            swaps.tensor(o, "bias", _with_bias(o.bias, extra_bias))
+        swaps.set(attn, "num_key_value_groups", len(q_heads) // len(kv_heads))
+
+    def gather_mlp(self, model: nn.Module, i: int, channels: Tensor, swaps: Swaps,
+                   extra_bias: Tensor | None = None,
+                   select: Callable[[Tensor, int, Tensor], Tensor] = Tensor.index_select) -> None:
+        """Until `swaps.undo()`, layer i's MLP computes only `channels`, on gathered rows of gate/up
+        and columns of down (made by `select`); `extra_bias` is added to down's output. None kept:
+        a `RemovedMLP`."""
+        block = self.layers(model)[i]
+        mlp = block.mlp
+        if not hasattr(mlp, "down_proj"):
+            return
+        if len(channels) == 0:
+            standin = RemovedMLP(model.config.hidden_size)
+            standin.bias = _with_bias(mlp.down_proj.bias, extra_bias)
+            swaps.set(block, "mlp", standin)
+            return
+        idx = channels.to(mlp.down_proj.weight.device)
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            swaps.tensor(linear, "weight", select(linear.weight, 0, idx))
+            if linear.bias is not None:
+                swaps.tensor(linear, "bias", linear.bias.index_select(0, idx))
+        swaps.tensor(mlp.down_proj, "weight", select(mlp.down_proj.weight, 1, idx))
+        if extra_bias is not None:
+            swaps.tensor(mlp.down_proj, "bias", _with_bias(mlp.down_proj.bias, extra_bias))
 
     def add_output_bias(self, model: nn.Module, i: int, which: str, delta: Tensor) -> None:
         """Add `delta` to the output bias of o_proj or down_proj of layer i, creating the bias where

@@ -118,8 +118,9 @@ def cmd_eval(args) -> dict:
     return result | {"data": args.data, "split": args.split, "model": args.model}
 
 
-def prune_config_from_args(args):
-    """A PruneConfig from the flags, or, with --resume, from the run's checkpointed settings."""
+def prune_config_from_args(args, write: bool = True):
+    """A PruneConfig from the flags, or, with --resume, from the run's checkpointed settings.
+    `write=False` (ranks other than 0) leaves the folders alone: rank 0 has recovered them."""
     from .config import PruneConfig
     from .fileio import recover
     from .methods import get_method
@@ -129,8 +130,9 @@ def prune_config_from_args(args):
 
     if args.resume:
         run_dir = Path(args.resume)
-        recover(run_dir.parent)  # a save killed midway may have left the folder aside
-        recover(run_dir)
+        if write:
+            recover(run_dir.parent)  # a save killed midway may have left the folder aside
+            recover(run_dir)
         if not run_dir.is_dir():
             raise PrunerError(f"no run folder at {run_dir}: give the `run` folder of an interrupted search")
         settings = read_settings(run_dir)
@@ -150,23 +152,49 @@ def prune_config_from_args(args):
                        seed=args.seed, calib_windows=args.calib_windows, pg=pg, run_dir=run_dir).validate()
 
 
-def cmd_prune(args) -> dict:
+def cmd_prune(args) -> dict | None:
+    """Prune and save. Under torchrun / accelerate launch every rank runs this: the ranks share the
+    policy-gradient search (pruner.distributed) and rank 0 alone prepares, checkpoints and saves;
+    the other ranks return None (they print nothing)."""
     from .fileio import check_writable
     from .models import prepare_output_dir, save_pruned
-    from .prune import prune
+    from .prune import prune, select
 
+    group = _join_ranks(args)
     out = Path(args.out)
-    config = prune_config_from_args(args)
-    overwrite = args.overwrite or bool(args.resume and Path(args.resume).parent == out)
-    prepare_output_dir(out, overwrite)
-    if config.run_dir:
-        check_writable(Path(config.run_dir))
-        print(f"checkpoints in {config.run_dir}: continue an interrupted run with --resume {config.run_dir}",
-              file=sys.stderr)
+    if group.is_main:
+        config = prune_config_from_args(args)
+        overwrite = args.overwrite or bool(args.resume and Path(args.resume).parent == out)
+        prepare_output_dir(out, overwrite)
+        if config.run_dir:
+            check_writable(Path(config.run_dir))
+            print(f"checkpoints in {config.run_dir}: continue an interrupted run with --resume {config.run_dir}",
+                  file=sys.stderr)
+    group.barrier()  # rank 0 has recovered and checked the folders before the others read them
+    if not group.is_main:
+        config = prune_config_from_args(args, write=False)
     loaded = _load(args)
+    if not group.is_main:
+        select(loaded, config)  # this rank's share of the search; rank 0 slices and saves
+        return None
     pruned, _, report = prune(loaded, config)
     save_pruned(pruned, loaded.tokenizer, out, report, overwrite)
-    return report | {"out": str(out)}
+    return report | {"out": str(out)} | ({"world_size": group.world} if group.world > 1 else {})
+
+
+def _join_ranks(args):
+    """Join the launcher's process group when there is one (gloo on CPU, NCCL on CUDA); with
+    --device auto each rank takes the CUDA device of its local rank."""
+    from . import distributed
+    from .models import pick_device
+
+    if not distributed.launched():
+        return distributed.current()
+    if args.device == "auto":
+        import torch
+
+        args.device = f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu"
+    return distributed.init_from_env(pick_device(args.device))
 
 
 def cmd_generate(args) -> dict:
@@ -188,11 +216,17 @@ COMMANDS = {"setup": cmd_setup, "info": cmd_info, "eval": cmd_eval, "prune": cmd
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .distributed import shutdown
+
     try:
         result = COMMANDS[args.command](args)
     except PrunerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
+    if result is None:  # a rank other than 0: rank 0 reports
+        return 0
     if getattr(args, "json", False):
         print(json.dumps(result))
     elif args.command == "generate":

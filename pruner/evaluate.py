@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .dispatch import model_device
+
 
 def check_context(model: nn.Module, tokens: int, what: str) -> None:
     """PrunerError when `tokens` exceed the model's maximum positions (its config says how many)."""
@@ -29,9 +31,15 @@ def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def window_losses(model: nn.Module, windows: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of each sequence in `windows` (B, T) -> (B,), in fp32."""
-    ids = windows.to(next(model.parameters()).device)
-    return token_nll(model(ids, use_cache=False).logits, ids).mean(1)
+    """Mean next-token cross-entropy of each sequence in `windows` (B, T) -> (B,), in fp32.
+
+    Logits are computed only at the T-1 positions that predict a token (`logits_to_keep`), so
+    they come out contiguous and the vocabulary projection skips the last position."""
+    ids = windows.to(model_device(model))
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device)
+    logits = model(ids, use_cache=False, logits_to_keep=positions).logits  # (B, T-1, V)
+    b, n, v = logits.shape
+    return F.cross_entropy(logits.reshape(-1, v).float(), ids[:, 1:].reshape(-1), reduction="none").view(b, n).mean(1)
 
 
 @torch.no_grad()

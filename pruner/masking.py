@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter
+from .dispatch import model_device
 from .space import Mask, PruningSpace
 
 
@@ -35,14 +36,14 @@ def _scale_input(channel_mask: Tensor, fill: Tensor | None = None):
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        m = channel_mask if channel_mask.dtype == x.dtype else channel_mask.to(x.dtype)
+        m = channel_mask.to(device=x.device, dtype=x.dtype)  # no-op unless a dispatched layer runs elsewhere
         if m.dim() == 2:
             if m.shape[0] != x.shape[0]:
                 raise ValueError(f"a batched mask has {m.shape[0]} rows for a batch of {x.shape[0]} sequences")
             m = m.unsqueeze(1)
         if fill is None:
             return (x * m, *args[1:])
-        return (x * m + fill.to(x.dtype) * (1 - m), *args[1:])
+        return (x * m + fill.to(device=x.device, dtype=x.dtype) * (1 - m), *args[1:])
 
     return hook
 
@@ -56,23 +57,32 @@ def masked(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask |
     Example: `with masked(model, adapter, space, mask): logits = model(ids).logits`.
     """
     handles = []
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         if mask is not None:
             for l in range(space.n_layers):
-                o_proj, down_proj = adapter.output_linear(model, l, "o_proj"), adapter.output_linear(model, l, "down_proj")
-                if o_proj is not None and mask.heads[l].shape[-1]:
-                    m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l)).to(device)
-                    mu = fill[0][l].to(device) if fill else None
-                    handles.append(o_proj.register_forward_pre_hook(_scale_input(m, mu)))
-                if down_proj is not None and mask.channels[l].shape[-1]:
-                    m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l)).to(device)
-                    mu = fill[1][l].to(device) if fill else None
-                    handles.append(down_proj.register_forward_pre_hook(_scale_input(m, mu)))
+                handles += layer_hooks(model, adapter, space, mask, fill, l, device)
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+def layer_hooks(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask, fill, l: int,
+                device: torch.device) -> list:
+    """The pre-hooks of layer l that apply `mask` (and `fill`) to the o_proj / down_proj inputs;
+    returns their handles."""
+    handles = []
+    o_proj, down_proj = adapter.output_linear(model, l, "o_proj"), adapter.output_linear(model, l, "down_proj")
+    if o_proj is not None and mask.heads[l].shape[-1]:
+        m = expand_unit_mask(mask.heads[l].float(), space.head_unit_of_channel(l)).to(device)
+        mu = fill[0][l].to(device) if fill else None
+        handles.append(o_proj.register_forward_pre_hook(_scale_input(m, mu)))
+    if down_proj is not None and mask.channels[l].shape[-1]:
+        m = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l)).to(device)
+        mu = fill[1][l].to(device) if fill else None
+        handles.append(down_proj.register_forward_pre_hook(_scale_input(m, mu)))
+    return handles
 
 
 def stack_masks(masks: list[Mask], repeats: int = 1) -> Mask:

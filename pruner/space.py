@@ -195,6 +195,30 @@ class PruningSpace:
                 )
         return keep.nonzero().flatten()
 
+    def gathered_query_heads(self, layer: int, head_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The query heads a gathered forward computes for any sampled head mask, and which of them
+        are kept: (heads, live), heads sorted with the same count c in every kv group that keeps one
+        (grouped attention needs it), so new head j uses new kv head j // c.
+
+        kv_group and block masks keep whole groups (live is all True). A query_head mask may keep
+        unequal counts per group (a Bernoulli sample does): each kept group is padded up to the
+        largest count with its first removed heads, whose outputs are then discarded (live False).
+        No head kept gives empty tensors (the sublayer is removed)."""
+        s = self.shapes[layer]
+        if self.granularity != "query_head":
+            heads = self.kept_query_heads(layer, head_mask)
+            return heads, torch.ones(len(heads), dtype=torch.bool)
+        keep = head_mask.bool().view(s.n_kv, s.group_size)
+        count = int(keep.sum(1).max()) if keep.numel() else 0
+        # within each group: kept heads first, then removed ones, each in index order
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        chosen = order[:, :count]
+        live = keep.gather(1, chosen)
+        groups = keep.any(1)
+        heads = (chosen + torch.arange(s.n_kv).unsqueeze(1) * s.group_size)[groups]
+        heads, perm = heads.flatten().sort()
+        return heads, live[groups].flatten()[perm]
+
     def kept_kv_heads(self, layer: int, head_mask: Tensor) -> Tensor:
         s = self.shapes[layer]
         q = self.kept_query_heads(layer, head_mask)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..calibration import calibration_stats, input_means
 from ..corpus import load_text
 from ..pg.run import PGRun, training_blocks
@@ -63,11 +64,13 @@ def selection_of(run: PGRun) -> Selection:
 
 
 def select(loaded, space: PruningSpace, config) -> Selection:
-    """Run (or continue) a search in the foreground with a progress bar; its record in run_dir."""
+    """Run (or continue) a search in the foreground with a progress bar; its record in run_dir.
+    Across processes (pruner.distributed) rank 0 alone keeps the record and shows the bar."""
     run_dir = Path(config.run_dir) if config.run_dir else None
-    on_status = record_status(RunRecord(run_dir, settings_of(loaded, config))) if run_dir else None
+    main = distributed.current().is_main
+    on_status = record_status(RunRecord(run_dir, settings_of(loaded, config))) if run_dir and main else None
     run = build_run(loaded, space, config, run_dir, on_status)
-    bar = tqdm(total=run.config.steps, initial=run.step, desc="policy gradient", unit="step")
+    bar = tqdm(total=run.config.steps, initial=run.step, desc="policy gradient", unit="step", disable=not main)
 
     def progress(record: dict) -> None:
         bar.update(1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from ..budget import BUDGETS, SCOPES
 from ..errors import PrunerError
+from ..gathered import FORWARD_MODES
 from ..pg_math import ESTIMATORS, INITS
 
 INIT_METRICS = ("flap", "wanda-sp", "magnitude")
@@ -56,6 +57,11 @@ class PGConfig:
     forward_dtype: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls were several times "
                                       "slower on the CPUs measured)", "Forward dtype", choices=FORWARD_DTYPES,
                               advanced=True)
+    forward_mode: str = knob("gathered", "gathered: each sampled mask runs on only the weights it keeps (a mask "
+                                         "keeping a fraction f costs about f of the decoder-linear compute); "
+                                         "masked: all K masks in one batched forward of the full model, masks "
+                                         "multiplying activations (the reference). Same losses",
+                             "Forward", choices=FORWARD_MODES, advanced=True)
     bias_compensation: bool = knob(True, "score each sampled mask, and save the result, with FLAP's bias "
                                          "compensation: removed channels take their calibration means (off: the "
                                          "reference, removed channels at zero)", "Bias compensation")

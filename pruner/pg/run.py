@@ -2,7 +2,8 @@
 
 One step (Gao et al., as the reference scripts run it; the math is pruner.pg_math.pg_step):
     batch   <- next B calibration blocks
-    m_1..K  ~ Bernoulli(s)                  fresh masks, all K run in one batched forward
+    m_1..K  ~ Bernoulli(s)                  fresh masks; each runs on its kept weights (gathered),
+                                            or all K in one batched masked forward
     L_j     =  mean token cross-entropy of the model under m_j    (no autograd)
     s       <- Project(s - lr_t g)          g from pg_step; cosine lr_t; budget per kind or joint
 The final hard mask keeps the units of largest s under the same budget (pruner.budget.hard_mask).
@@ -23,10 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import pg_math
+from .. import distributed, pg_math
 from ..budget import hard_mask, keep_fraction, project_probs
+from ..dispatch import model_device
 from ..errors import PrunerError
-from ..evaluate import token_nll, window_losses
+from ..evaluate import window_losses
+from ..gathered import gathered
 from ..masking import masked, stack_masks
 from ..space import Mask, PruningSpace
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -53,6 +56,8 @@ class PGRun:
     initialisation (ignored for `random`). `fill`: calibration means of the o_proj/down_proj
     inputs; with `config.bias_compensation` removed channels take them in every scored forward
     (pruner.masking). With `run_dir`, checkpoints go there; `settings` travel with them.
+    Under torch.distributed every rank runs the same PGRun and computes a share of each step's
+    forwards (pruner.distributed); only rank 0 writes checkpoints.
     """
 
     def __init__(self, model, adapter, space: PruningSpace, ratio: float, config: PGConfig, seed: int,
@@ -61,7 +66,8 @@ class PGRun:
                  fill: tuple[list[Tensor], list[Tensor]] | None = None,
                  on_status: Callable[["PGRun"], None] | None = None):
         self.model, self.adapter, self.space = model, adapter, space
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
+        self.group = distributed.current()
         if config.bias_compensation and fill is None:
             raise PrunerError("bias_compensation needs the calibration means of the o_proj/down_proj inputs")
         self.fill = tuple([t.to(self.device) for t in part] for part in fill) if config.bias_compensation else None
@@ -132,17 +138,33 @@ class PGRun:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def _under(self, mask: Mask):
+        """The forward of one (unbatched) mask as the config says: gathered or masked."""
+        run_on = gathered if self.config.forward_mode == "gathered" else masked
+        return run_on(self.model, self.adapter, self.space, mask, self.fill)
+
     @torch.no_grad()
     def sample_losses(self, masks: Tensor, batch: Tensor) -> Tensor:
-        """Losses of K masks (K, N_units) on one batch (B, T), in one forward of K*B sequences."""
+        """Losses of K masks (K, N_units) on one batch (B, T): per mask, the mean over the batch of
+        each sequence's mean token cross-entropy. gathered: one forward of B sequences per mask on
+        its kept weights; masked: one forward of K*B sequences under batched masks. Across ranks
+        each computes its share of the K*B (mask, sequence) pairs; one all-reduce sums the table."""
         k, b = masks.shape[0], batch.shape[0]
         n_h = len(self.s_h)
         per_mask = [self.space.unflatten(m[:n_h], m[n_h:]) for m in masks]
-        ids = batch.to(self.device).repeat(k, 1)
-        with self._autocast(), masked(self.model, self.adapter, self.space, stack_masks(per_mask, repeats=b), self.fill):
-            logits = self.model(ids, use_cache=False).logits
-        nll = token_nll(logits, ids).mean(1)  # (K*B,)
-        return nll.view(k, b).mean(1).double().cpu()
+        ids = batch.to(self.device)
+        table = torch.zeros(k * b, dtype=torch.float64)
+        mine = list(self.group.share(k * b))  # pair i: mask i // b on sequence i % b
+        if mine and self.config.forward_mode == "gathered":
+            for j in sorted({i // b for i in mine}):
+                rows = [i for i in mine if i // b == j]
+                with self._autocast(), self._under(per_mask[j]):
+                    table[rows] = window_losses(self.model, ids[[i % b for i in rows]]).double().cpu()
+        elif mine:
+            with self._autocast(), masked(self.model, self.adapter, self.space,
+                                          stack_masks([per_mask[i // b] for i in mine]), self.fill):
+                table[mine] = window_losses(self.model, ids[[i % b for i in mine]]).double().cpu()
+        return self.group.sum(table).view(k, b).mean(1)
 
     def batch_at(self, step: int) -> Tensor:
         b = self.config.batch_size
@@ -193,17 +215,20 @@ class PGRun:
         return record
 
     def evaluate_hard_mask(self) -> float:
-        """Perplexity of the current hard mask on the validation windows (masked forward)."""
-        losses = []
-        with self._autocast(), masked(self.model, self.adapter, self.space, self.current_mask(), self.fill):
-            for start in range(0, len(self.valid), 8):
-                losses.append(window_losses(self.model, self.valid[start:start + 8]).double().cpu())
-        return math.exp(float(torch.cat(losses).mean()))
+        """Perplexity of the current hard mask on the validation windows (each rank its share)."""
+        mine = self.group.share(len(self.valid))
+        total = torch.zeros(2, dtype=torch.float64)  # sum of window losses, windows
+        with self._autocast(), self._under(self.current_mask()):
+            for start in range(mine.start, mine.stop, 8):
+                losses = window_losses(self.model, self.valid[start:min(start + 8, mine.stop)]).double().cpu()
+                total += torch.stack([losses.sum(), torch.tensor(float(len(losses)), dtype=torch.float64)])
+        total = self.group.sum(total)
+        return math.exp(float(total[0] / total[1]))
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Write everything needed to continue the same trajectory, atomically."""
-        if self.run_dir is None:
+        """Write everything needed to continue the same trajectory, atomically (rank 0 only)."""
+        if self.run_dir is None or not self.group.is_main:
             return
         save_checkpoint(self.run_dir, Checkpoint(
             step=self.step, s_h=self.s_h, s_c=self.s_c, baseline=self.baseline,
