@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .dispatch import model_device
 
 
 @dataclass
@@ -76,7 +77,7 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, bat
         for linear, stats in ((o_proj, attn[l]), (down_proj, mlp[l])):
             if linear is not None:
                 handles.append(linear.register_forward_pre_hook(recorder(stats)))
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress, leave=False):
             model(windows[start:start + batch_size].to(device), use_cache=False)

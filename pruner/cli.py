@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .dispatch import DEVICE_MAPS
 from .errors import PrunerError
 from .space import GRANULARITIES
 
@@ -22,6 +23,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help="spread a model bigger than one device over the GPUs, offloading to the CPU (then disk) "
+                        "where they are full (accelerate); the pruned model is built and saved from the CPU")
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: folder for weights offloaded to disk "
+                                                          "(default: a temporary folder in the cache)")
 
 
 def _pg_args(group) -> None:
@@ -86,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
+    from .dispatch import parse_max_memory
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.device_map is None and (args.max_memory or args.offload_folder):
+        raise PrunerError("--max-memory and --offload-folder go with --device-map auto")
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      device_map=args.device_map, max_memory=parse_max_memory(args.max_memory),
+                      offload_folder=args.offload_folder)
 
 
 def cmd_setup(args) -> dict:
@@ -190,6 +203,9 @@ def _join_ranks(args):
 
     if not distributed.launched():
         return distributed.current()
+    if args.device_map is not None:
+        raise PrunerError("--device-map spreads one model over the devices of one process; across processes "
+                          "(torchrun) every rank holds the whole model on its own device")
     if args.device == "auto":
         import torch
 

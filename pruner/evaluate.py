@@ -65,7 +65,7 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8, progress:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40, streamer=None) -> str:
     """Greedy continuation of `prompt` (deterministic); tokens go to `streamer` as they come."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -80,7 +80,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def prefill_latency(model: nn.Module, seqlen: int = 128, batch: int = 1, repeats: int = 5, vocab: int | None = None) -> float:
     """Median seconds of one forward over a (batch, seqlen) prompt, after one warm-up."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     vocab = vocab or model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
@@ -97,7 +97,7 @@ def prefill_latency(model: nn.Module, seqlen: int = 128, batch: int = 1, repeats
 @torch.no_grad()
 def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, new_tokens: int = 32) -> float:
     """Greedy decoding speed with the KV cache, tokens per second (prefill excluded)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
     _sync(device)

@@ -106,20 +106,39 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a causal LM for pruning (eval mode, safetensors only)."""
+    """Load a causal LM for pruning (eval mode, safetensors only).
+
+    `device_map` ("auto", or an explicit {module name: device} map) spreads a model that does not
+    fit one device over the GPUs, offloading to the CPU and then to `offload_folder` (default: a
+    fresh folder under the cache, removed at exit) where they are full (accelerate's dispatch;
+    `max_memory` as accelerate takes it). `device` must then stay auto."""
     from transformers import AutoTokenizer
 
+    from .dispatch import check_device_map, model_device
+
     kind, location = resolve_spec(spec)
+    check_device_map(device_map)
+    if device_map is not None and device not in (None, "auto"):
+        raise PrunerError(f"--device {device} and a device map exclude each other: the map places the model")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    dispatch = {}
+    if device_map is not None:
+        dispatch = {"device_map": device_map, "max_memory": max_memory,
+                    "offload_folder": str(offload_folder or _offload_folder())}
     # Where the hub cannot be reached, use only the local HF cache (no retries, a fast clear error).
     local_only = kind == "hub" and not _hub_reachable()
     try:
         if kind == "local" and is_pruned_dir(Path(location)):
             model = load_pruned(Path(location), dt, trust_remote_code)
+            if dispatch:
+                model = _dispatch(model, **dispatch)
         else:
-            model = _from_pretrained(location, dt, trust_remote_code, local_only)
+            model = _from_pretrained(location, dt, trust_remote_code, local_only, **dispatch)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
     except PrunerError:
@@ -136,8 +155,37 @@ def load_model(
         raise PrunerError(f"could not load the model at {location!r} ({type(exc).__name__}: {reason}): "
                           "is it a complete checkpoint with safetensors weights?") from None
     adapter = adapter_for(model)
-    model.to(dev).eval()
+    if dispatch:
+        model.eval()
+        dev = model_device(model)
+    else:
+        model.to(dev).eval()
     return LoadedModel(model, tokenizer, adapter, spec, dev, dt)
+
+
+def _offload_folder() -> Path:
+    """A fresh folder for weights accelerate offloads to disk, removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from .paths import cache_dir
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="offload-", dir=cache_dir()))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _dispatch(model: nn.Module, device_map, max_memory, offload_folder) -> nn.Module:
+    """Place an already loaded model (a pruned directory) by a device map, as from_pretrained does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if not isinstance(device_map, dict):
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=model._no_split_modules or [])
+    model.hf_device_map = device_map
+    return dispatch_model(model, device_map, offload_dir=offload_folder)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -155,12 +203,13 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False) -> nn.Module:
+def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False,
+                     **dispatch) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=local_only
-    )
+        location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=local_only,
+        **dispatch)
 
 
 def load_pruned(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .budget import budget_report
 from .calibration import calibration_stats
 from .config import PruneConfig
+from .dispatch import resident
 from .evaluate import total_params
 from .methods import Selection, get_method
 from .scores import flap_bias
@@ -43,8 +44,9 @@ def compensation(loaded, space: PruningSpace, mask: Mask, stats) -> list[tuple[i
         mlp_removed[space.kept_channels(l, mask.channels[l])] = False
         for which, removed, stat in (("o_proj", attn_removed, stats[0][l]), ("down_proj", mlp_removed, stats[1][l])):
             if removed.any():
-                weight = loaded.adapter.output_linear(loaded.model, l, which).weight
-                updates.append((l, which, flap_bias(weight, stat.mean, removed).cpu()))
+                with resident(loaded.model, loaded.adapter.layers(loaded.model)[l]):
+                    weight = loaded.adapter.output_linear(loaded.model, l, which).weight
+                    updates.append((l, which, flap_bias(weight, stat.mean, removed).cpu()))
     return updates
 
 

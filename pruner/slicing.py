@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from .adapters import Adapter, LayerShape
+from .dispatch import is_dispatched, resident
 from .space import Mask, PruningSpace
 
 
@@ -30,10 +32,46 @@ def slice_model(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: M
 
 
 def sliced_copy(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask) -> nn.Module:
-    """A sliced deep copy; the original model is left untouched."""
+    """A sliced deep copy; the original model is left untouched. A model loaded with a device map
+    (spread over devices, parts offloaded) gives a sliced copy on the CPU, built one layer at a time."""
+    if is_dispatched(model):
+        return _sliced_cpu_copy(model, adapter, space, mask)
     clone = copy.deepcopy(model)
     slice_model(clone, adapter, space, mask)
     return clone
+
+
+@torch.no_grad()
+def _sliced_cpu_copy(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask) -> nn.Module:
+    """An empty copy of the architecture, filled module by module from the dispatched model (each
+    made resident in turn), every decoder layer sliced as soon as it is filled: the CPU holds the
+    pruned model plus one dense layer at a time, never the whole dense model."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        clone = type(model)(copy.deepcopy(model.config))
+    layers, clone_layers = adapter.layers(model), adapter.layers(clone)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    for name, module in model.named_modules():
+        if id(module) in in_layers or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        with resident(model, module):
+            _fill(clone.get_submodule(name), module)
+    for l, layer in enumerate(layers):
+        with resident(model, layer):
+            _fill(clone_layers[l], layer, recurse=True)
+        adapter.slice_attention(clone, l, space.kept_query_heads(l, mask.heads[l]), space.kept_kv_heads(l, mask.heads[l]))
+        adapter.slice_mlp(clone, l, space.kept_channels(l, mask.channels[l]))
+    clone.tie_weights()
+    clone.eval()
+    record_layout(clone, adapter)
+    return clone
+
+
+def _fill(target: nn.Module, source: nn.Module, recurse: bool = False) -> None:
+    """Give `target` CPU copies of `source`'s parameters (all of its subtree with `recurse`)."""
+    state = {name: p.detach().to("cpu", copy=True) for name, p in source.named_parameters(recurse=recurse)}
+    target.load_state_dict(state, strict=False, assign=True)
 
 
 # ---- layout: per-layer kept sizes, recorded in config.json -----------------------------

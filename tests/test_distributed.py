@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import small_text, tiny_checkpoint, tiny_model
 
 from pruner.adapters import adapter_for
 from pruner.calibration import collect_input_stats, input_means
@@ -116,32 +116,12 @@ sys.addaudithook(_audit)
 '''
 
 
-def tiny_checkpoint(folder: Path) -> Path:
-    """A tiny random LLaMA with the embedded model's tokenizer, saved as a local checkpoint."""
-    from tiny_models import COMMON
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from pruner.paths import embedded_model_dir
-
-    if not (embedded_model_dir() / "tokenizer.json").is_file():
-        pytest.skip("embedded model not prepared (its tokenizer is borrowed)")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(**(COMMON | {"vocab_size": len(tokenizer)}), tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_torchrun_prune_equals_one_process_and_only_rank_0_writes(tmp_path, capsys):
     """`torchrun --nproc_per_node 2 -m pruner prune --method pg` against `python -m pruner prune`."""
     from pruner.cli import main
 
     model = tiny_checkpoint(tmp_path / "tiny")
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"The {w} said that the {v} of the county was {u}." for w, v, u in
-                             zip(["jury", "court", "mayor"] * 60, ["report", "vote", "budget"] * 60,
-                                 ["good", "late", "high", "small"] * 45)))
+    text = small_text(tmp_path / "text.txt")
     args = ["prune", "--model", str(model), "--method", "pg", "--ratio", "0.5", "--data", str(text), "--steps", "4",
             "--samples", "3", "--batch-size", "2", "--seqlen", "16", "--eval-every", "2", "--eval-windows", "3",
             "--calib-windows", "4", "--json"]

@@ -33,3 +33,34 @@ def tiny_model(arch: str, seed: int = 0):
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def tiny_checkpoint(folder, arch: str = "llama"):
+    """A tiny random model saved as a local checkpoint with the embedded model's tokenizer (its
+    vocabulary size), so `load_model` and the CLI take it; pytest.skip when that is not prepared."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from pruner.paths import embedded_model_dir
+
+    if not (embedded_model_dir() / "tokenizer.json").is_file():
+        pytest.skip("embedded model not prepared (its tokenizer is borrowed)")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    config = tiny_config(arch)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def small_text(path):
+    """A few kilobytes of plain English sentences, as a local corpus file."""
+    words = zip(["jury", "court", "mayor"] * 60, ["report", "vote", "budget"] * 60, ["good", "late", "high", "small"] * 45)
+    path.write_text(" ".join(f"The {w} said that the {v} of the county was {u}." for w, v, u in words))
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..dispatch import resident
 from ..scores import group_channels, standardize
 from ..space import PruningSpace
 from .base import UnitScores
@@ -17,11 +18,12 @@ def column_scores(loaded, space: PruningSpace, stats, channel_score, stat: str, 
     attn_stats, mlp_stats = stats
     heads, channels = [], []
     for l, s in enumerate(space.shapes):
-        o = loaded.adapter.output_linear(loaded.model, l, "o_proj").weight
-        down = loaded.adapter.output_linear(loaded.model, l, "down_proj").weight
-        per_ch = channel_score(o, getattr(attn_stats[l], stat).to(o.device)).cpu()
+        with resident(loaded.model, loaded.adapter.layers(loaded.model)[l]):  # offloaded weights come in
+            o = loaded.adapter.output_linear(loaded.model, l, "o_proj").weight
+            down = loaded.adapter.output_linear(loaded.model, l, "down_proj").weight
+            per_ch = channel_score(o, getattr(attn_stats[l], stat).to(o.device)).cpu()
+            ch = channel_score(down, getattr(mlp_stats[l], stat).to(down.device)).cpu()
         heads.append(group_channels(per_ch, s.head_dim, s.group_size, space.granularity, reduce=reduce))
-        ch = channel_score(down, getattr(mlp_stats[l], stat).to(down.device)).cpu()
         channels.append(ch.sum().view(1) if space.granularity == "block" else ch)
     return heads, channels
 
