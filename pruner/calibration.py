@@ -93,14 +93,53 @@ _STATS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def calibration_stats(loaded, config) -> tuple[list[InputStats], list[InputStats]]:
     """Input statistics of o_proj/down_proj over the config's calibration windows (train split).
 
-    Remembered per model object and calibration setting (models are never modified in place),
-    so pruning the same model again at another ratio costs no forward passes."""
+    Remembered per model object and calibration setting (models are never modified in place), so
+    pruning the same model again at another ratio costs no forward passes; and cached on disk
+    (pruner.disk_cache) per model, corpus text and setting, so another process, or the studio
+    after a restart, reads them back instead of calibrating again."""
+    from . import disk_cache
+    from .corpus import load_documents, load_text
     from .windows import calibration_windows
 
-    key = (config.data, config.calib_windows, config.calib_seqlen, config.seed)
+    setting = (config.data, config.calib_windows, config.calib_seqlen, config.seed)
     per_model = _STATS_CACHE.setdefault(loaded.model, {})
-    if key not in per_model:
-        windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows,
-                                      config.calib_seqlen, config.seed)
-        per_model[key] = collect_input_stats(loaded.model, loaded.adapter, windows, progress=True)
-    return per_model[key]
+    if setting not in per_model:
+        text = "\n\n".join(load_documents(config.data, "train")) if config.data == "c4" else load_text(config.data, "train")
+        key = {"model": disk_cache.model_fingerprint(loaded.model), "tokenizer": disk_cache.tokenizer_fingerprint(
+            loaded.tokenizer), "text": disk_cache.text_fingerprint(text), "corpus": config.data,
+            "windows": config.calib_windows, "seqlen": config.calib_seqlen, "seed": config.seed}
+        cached = key["tokenizer"] is not None
+        stats = stats_from_tensors(disk_cache.load("calibration", key)) if cached else None
+        if stats is None:
+            windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows,
+                                          config.calib_seqlen, config.seed)
+            stats = collect_input_stats(loaded.model, loaded.adapter, windows, progress=True)
+            if cached:
+                disk_cache.save("calibration", key, *stats_to_tensors(stats))
+        per_model[setting] = stats
+    return per_model[setting]
+
+
+def stats_to_tensors(stats: tuple[list[InputStats], list[InputStats]]) -> tuple[dict[str, Tensor], dict]:
+    """The statistics as named fp64 tensors plus their token counts (JSON)."""
+    tensors, counts = {}, {}
+    for kind, per_layer in zip(("attn", "mlp"), stats):
+        counts[kind] = [s.count for s in per_layer]
+        for l, s in enumerate(per_layer):
+            tensors[f"{kind}.{l}.total"], tensors[f"{kind}.{l}.total_sq"] = s.total, s.total_sq
+    return tensors, {"counts": counts}
+
+
+def stats_from_tensors(found) -> tuple[list[InputStats], list[InputStats]] | None:
+    """The inverse of `stats_to_tensors` for a cache hit; None for a miss or a malformed entry."""
+    if found is None:
+        return None
+    tensors, extra = found
+    try:
+        out = []
+        for kind in ("attn", "mlp"):
+            out.append([InputStats(int(n), tensors[f"{kind}.{l}.total"].double(), tensors[f"{kind}.{l}.total_sq"].double())
+                        for l, n in enumerate(extra["counts"][kind])])
+        return out[0], out[1]
+    except (KeyError, TypeError, ValueError):
+        return None

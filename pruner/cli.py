@@ -119,14 +119,14 @@ def cmd_info(args) -> dict:
 def cmd_eval(args) -> dict:
     from .corpus import load_text
     from .evaluate import check_context, perplexity
-    from .windows import eval_windows, tokenize
+    from .windows import corpus_ids, eval_windows
 
     if args.batch_size < 1:
         raise PrunerError("--batch-size must be at least 1")
-    text = load_text(args.data, args.split)
+    load_text(args.data, args.split)  # a bad corpus fails before the model loads
     loaded = _load(args)
     check_context(loaded.model, args.seqlen, "--seqlen")
-    windows = eval_windows(tokenize(loaded.tokenizer, text), args.seqlen, args.max_windows)
+    windows = eval_windows(corpus_ids(loaded.tokenizer, args.data, args.split), args.seqlen, args.max_windows)
     result = perplexity(loaded.model, windows, args.batch_size, progress=True)
     return result | {"data": args.data, "split": args.split, "model": args.model}
 

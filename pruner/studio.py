@@ -20,6 +20,7 @@ import traceback
 import uuid
 from pathlib import Path
 
+from . import disk_cache
 from .config import PruneConfig
 from .errors import PrunerError
 from .fileio import inside
@@ -42,8 +43,15 @@ def new_run_id(config: PruneConfig) -> str:
 
 
 def private_copy(loaded: LoadedModel) -> LoadedModel:
-    """The same model in new memory, so hooks and pruning never touch the shared one."""
-    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    """The same model as new module objects over the same weight tensors: hooks, swapped-in
+    gathered weights and anything else a run sets on its modules never reach the shared model,
+    and nothing is copied (a run never writes into weights; slicing works on a deep copy)."""
+    model = loaded.model
+    disk_cache.model_fingerprint(model)  # once per shared model; its copies inherit it
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, shared)
+    disk_cache.share_fingerprint(clone, model)
+    return dataclasses.replace(loaded, model=clone)
 
 
 class Job:

@@ -7,7 +7,8 @@ Protocols:
   or for C4 the SparseGPT/Wanda protocol (a random document longer than `seqlen`, a random window
   inside it, repeated `n` times).
 Randomness always comes from a local `torch.Generator` seeded by the caller: the global RNG is
-never read or advanced, and the same seed gives the same windows.
+never read or advanced, and the same seed gives the same windows. `corpus_ids` tokenises a split
+once (in memory and on disk).
 """
 
 from __future__ import annotations
@@ -29,6 +30,35 @@ def tokenize(tokenizer, text: str) -> Tensor:
     """
     ids = tokenizer(text, add_special_tokens=False, return_tensors=None, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+_IDS: dict[tuple[str, str], Tensor] = {}  # (tokenizer, text) fingerprints -> ids, the last few splits
+_IDS_KEPT = 8
+
+
+def corpus_ids(tokenizer, corpus: str, split: str) -> Tensor:
+    """`tokenize` of a corpus split, done once per tokenizer and text: remembered in this process
+    and cached on disk (pruner.disk_cache, keyed by the tokenizer's and the text's fingerprints).
+    The returned tensor is shared: never change it in place."""
+    from . import disk_cache
+
+    text = load_text(corpus, split)
+    key = {"tokenizer": disk_cache.tokenizer_fingerprint(tokenizer), "text": disk_cache.text_fingerprint(text)}
+    if key["tokenizer"] is None:  # a tokenizer without an identity is not cached
+        return tokenize(tokenizer, text)
+    memo = (key["tokenizer"], key["text"])
+    if memo not in _IDS:
+        hit = disk_cache.load("tokens", key)
+        if hit is not None and hit[0].get("ids") is not None and hit[0]["ids"].dim() == 1:
+            ids = hit[0]["ids"].long()
+        else:
+            ids = tokenize(tokenizer, text)
+            small = ids.numel() == 0 or int(ids.max()) < 2**31
+            disk_cache.save("tokens", key, {"ids": ids.int() if small else ids})
+        while len(_IDS) >= _IDS_KEPT:
+            _IDS.pop(next(iter(_IDS)))
+        _IDS[memo] = ids
+    return _IDS[memo]
 
 
 def check_window_args(seqlen: int, n: int | None = None, name: str = "n") -> None:
@@ -127,4 +157,4 @@ def calibration_windows(tokenizer, corpus: str, split: str, n: int, seqlen: int,
     check_window_args(seqlen, n)
     if corpus == "c4":
         return document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed)
-    return random_windows(tokenize(tokenizer, load_text(corpus, split)), n, seqlen, seed)
+    return random_windows(corpus_ids(tokenizer, corpus, split), n, seqlen, seed)

@@ -11,11 +11,10 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..calibration import calibration_stats, input_means
-from ..corpus import load_text
 from ..pg.run import PGRun, training_blocks
 from ..run_record import RunRecord
 from ..space import PruningSpace
-from ..windows import eval_windows, tokenize
+from ..windows import corpus_ids, eval_windows
 from . import flap, magnitude, wanda_sp
 from .base import Method, Selection, UnitScores
 
@@ -33,8 +32,8 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None,
     """Tokenise the corpus, compute the init metric, and create a run, continued from run_dir's
     checkpoint when there is one."""
     pg = config.pg
-    blocks = training_blocks(tokenize(loaded.tokenizer, load_text(config.data, "train")), pg.seqlen, config.seed)
-    valid = eval_windows(tokenize(loaded.tokenizer, load_text(config.data, "validation")), pg.seqlen, pg.eval_windows)
+    blocks = training_blocks(corpus_ids(loaded.tokenizer, config.data, "train"), pg.seqlen, config.seed)
+    valid = eval_windows(corpus_ids(loaded.tokenizer, config.data, "validation"), pg.seqlen, pg.eval_windows)
     init_scores: UnitScores | None = None
     if pg.init != "random":
         init_scores = INIT_SCORES[pg.init_metric](loaded, space, config)
