@@ -1,5 +1,6 @@
 """Pruner Studio: structural pruning of LLMs, watched live. `make app` opens it on localhost."""
 
+import pruner  # noqa: F401  (first: its OpenMP setting must precede torch)
 import streamlit as st
 
 from app_pages.common import choices, studio

@@ -126,15 +126,20 @@ if run_id is None:
 
 
 # ---- the live view ----------------------------------------------------------------------------
+@st.cache_resource(max_entries=4)
+def _current_layers(job_id: str, step: int, status: str):
+    """Per-layer kept fractions of a live run's hard mask, once per (run, step) for every session."""
+    job = manager.get(job_id)
+    return per_layer_report(job.pg.space, job.pg.current_mask()) if job is not None and job.pg is not None else None
+
+
 def run_state() -> dict:
     """Status, progress and history of the URL's run, from memory when live, else from disk."""
     job = manager.get(run_id)
     if job is not None:
         info = job.info()
         history = job.history()
-        current = None
-        if job.pg is not None:
-            current = per_layer_report(job.pg.space, job.pg.current_mask())
+        current = _current_layers(run_id, info["step"], info["status"]) if job.pg is not None else None
         return {"info": info, "history": history, "per_layer": current, "report": job.report, "live": job.is_alive}
     run_dir = manager.folder(run_id)
     if not run_dir.is_dir():
@@ -214,26 +219,20 @@ def exports(state: dict) -> None:
         st.success(f"Pruned model saved in `{manager.root / run_id / 'model'}`: achieved ratio "
                    f"{report['achieved_ratio']:.3f}, {report['params_after'] / 1e6:.1f} M parameters "
                    f"(from {report['params_before'] / 1e6:.1f} M). Compare it on the **Compare** page.")
+    # files are made when a button is pressed (deferred), not on every rerun of the page
     if history["steps"]:
-        cols[1].download_button("Curves (CSV)", views.curves_csv(history["steps"]), f"{run_id}-curves.csv", "text/csv")
+        cols[1].download_button("Curves (CSV)", lambda: views.curves_csv(history["steps"]), f"{run_id}-curves.csv",
+                                "text/csv")
     if history["snapshots"]:
         snap = history["snapshots"][-1]
-        cols[2].download_button("Heads heatmap (PNG)", views.heatmap_png(views.heads_matrix(snap), f"{run_id} heads",
-                                "head unit"), f"{run_id}-heads.png", "image/png")
-        cols[3].download_button("Channels heatmap (PNG)", views.heatmap_png(views.channels_matrix(snap),
-                                f"{run_id} MLP channels", "channel bin"), f"{run_id}-channels.png", "image/png")
+        cols[2].download_button("Heads heatmap (PNG)", lambda: views.heatmap_png(
+            views.heads_matrix(snap), f"{run_id} heads", "head unit"), f"{run_id}-heads.png", "image/png")
+        cols[3].download_button("Channels heatmap (PNG)", lambda: views.heatmap_png(
+            views.channels_matrix(snap), f"{run_id} MLP channels", "channel bin"), f"{run_id}-channels.png", "image/png")
 
 
-try:
-    state = run_state()
-except PrunerError as exc:
-    show_error(exc)
-    st.stop()
-if not state:
-    st.warning(f"No run `{run_id}` here (deleted, or from another runs folder). Start a new one.")
-    st.stop()
-
-if state["live"]:
+live_job = manager.get(run_id)
+if live_job is not None and live_job.is_alive:  # the fragment reads the state itself, once per poll
     @st.fragment(run_every=POLL_SECONDS)
     def live_view():
         now = run_state()
@@ -242,5 +241,13 @@ if state["live"]:
             st.rerun()  # the run ended: one full rerun shows the exports and stops the polling
     live_view()
 else:
+    try:
+        state = run_state()
+    except PrunerError as exc:
+        show_error(exc)
+        st.stop()
+    if not state:
+        st.warning(f"No run `{run_id}` here (deleted, or from another runs folder). Start a new one.")
+        st.stop()
     render(state)
     exports(state)

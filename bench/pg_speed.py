@@ -184,23 +184,34 @@ def matmul_share(run: PGRun, kept: float) -> float:
 
 
 def skipping_series(base: PGRun, kept: float, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """At expected kept fraction `kept`: a gathered step, a masked step (same seed: the same masks)
-    and K plain forwards of the same batch, interleaved, the order rotated every repeat; also the
-    expected kept fraction before each step."""
+    """At expected kept fraction `kept`: a gathered step, a masked step (from the gathered run's state
+    each repeat: the same masks) and K plain forwards of the same batch, interleaved, the order
+    rotated every repeat; also the expected kept fraction before each step and the largest gap
+    between the two steps' losses."""
     runs = {mode: variant(base, 1.0 - kept, mode) for mode in ("gathered", "masked")}
     k, device = base.config.samples, base.device
-    times = {"gathered_step": [], "masked_step": [], "k_forwards": [], "expected_kept": []}
+    times = {"gathered_step": [], "masked_step": [], "k_forwards": [], "expected_kept": [], "loss_gap": []}
+    losses = {}
+
+    def step(mode):
+        return lambda: losses.__setitem__(mode, runs[mode].do_step()["losses"])
+
     for i in range(warmup + repeats):
-        batch = runs["gathered"].batch_at(runs["gathered"].step)
+        g, m = runs["gathered"], runs["masked"]
+        m.s_h, m.s_c, m.baseline, m.step = g.s_h, g.s_c, g.baseline, g.step  # both draw the same masks
+        m.generator.set_state(g.generator.get_state())
+        batch = g.batch_at(g.step)
         if i >= warmup:
-            times["expected_kept"].append(runs["gathered"].expected_kept_fraction())
-        todo = [("gathered_step", runs["gathered"].do_step), ("masked_step", runs["masked"].do_step),
+            times["expected_kept"].append(g.expected_kept_fraction())
+        todo = [("gathered_step", step("gathered")), ("masked_step", step("masked")),
                 ("k_forwards", lambda: [dense_losses(base, batch).cpu() for _ in range(k)])]
         shift = i % len(todo)
         for name, fn in todo[shift:] + todo[:shift]:
             t = timed(fn, device)
             if i >= warmup:
                 times[name].append(t)
+        if i >= warmup:  # the same masks in both modes: their losses agree up to rounding
+            times["loss_gap"].append(max(abs(a - b) for a, b in zip(losses["gathered"], losses["masked"])))
     return times
 
 
@@ -215,7 +226,8 @@ def skipping_rows(curve: dict[float, dict[str, list[float]]], base: PGRun) -> li
                      "paired_ratio": statistics.median(paired),
                      "masked_over_k_forwards": med["masked_step"] / med["k_forwards"],
                      "gathered_over_masked": med["gathered_step"] / med["masked_step"],
-                     "matmul_share": matmul_share(base, kept), "repeats": len(series["k_forwards"])})
+                     "matmul_share": matmul_share(base, kept), "repeats": len(series["k_forwards"]),
+                     "max_loss_gap": max(series["loss_gap"])})
     return rows
 
 
@@ -228,13 +240,14 @@ def skipping_markdown(rows: list[dict], args, device: str) -> list[str]:
              "weights (`forward_mode=gathered`, the default); `masked`: all K masks in one batched forward of the "
              "full model. `paired`: median of per-repeat ratios gathered step / K forwards. `matmul share`: the "
              "dense forward's weight-matmul FLOPs left at that kept fraction (decoder linears x f, LM head whole), "
-             "the ideal ratio.", "",
+             "the ideal ratio. `max loss gap`: the largest difference between the gathered and the masked "
+             "step's losses of the same masks.", "",
              markdown_table(rows, ["expected_kept", "gathered_step_s", "masked_step_s", "k_forwards_s",
                                    "gathered_over_k_forwards", "paired_ratio", "masked_over_k_forwards",
-                                   "matmul_share", "repeats"],
+                                   "matmul_share", "max_loss_gap", "repeats"],
                             {c: f3 for c in ("expected_kept", "gathered_step_s", "masked_step_s", "k_forwards_s",
                                              "gathered_over_k_forwards", "paired_ratio", "masked_over_k_forwards",
-                                             "matmul_share")})]
+                                             "matmul_share")} | {"max_loss_gap": "{:.1e}"})]
     if at_half:
         lines += ["", f"- At expected kept fraction {at_half['expected_kept']:.3f}: gathered step / K plain forwards "
                       f"**{at_half['gathered_over_k_forwards']:.3f}x** (paired {at_half['paired_ratio']:.3f}x); "

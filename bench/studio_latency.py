@@ -2,6 +2,7 @@
 page refresh while a run is going. With --screenshots, also the README's pictures of every page.
 
     .venv/bin/python -m bench.studio_latency --screenshots
+    .venv/bin/python -m bench.studio_latency --fresh-cache   # the first run of a new install: nothing cached
 
 The studio runs as `streamlit run app.py` on localhost; headless Chromium drives it (playwright).
 """
@@ -9,6 +10,7 @@ The studio runs as `streamlit run app.py` on localhost; headless Chromium drives
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import tempfile
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.common import markdown_table, write_results
+from pruner.paths import cache_dir
 from tests.e2e.harness import REPO_ROOT, launch_chromium, serve_studio, set_number
 
 ASSETS = REPO_ROOT / "assets"
@@ -116,10 +119,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="page refreshes measured while a run goes")
     ap.add_argument("--screenshots", action="store_true", help="also write assets/studio-*.png")
     ap.add_argument("--screenshot-steps", type=int, default=40, help="steps to let the run make before its picture")
+    ap.add_argument("--fresh-cache", action="store_true",
+                    help="start with an empty derived-data cache (tokenisation and calibration happen in the run)")
     ap.add_argument("--name", default="studio_latency")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
+    if args.fresh_cache:  # a cache folder of its own, with the prepared model and corpus linked in
+        cache = Path(tempfile.mkdtemp(prefix="studio-latency-cache-"))
+        for name in ("models", "corpora"):
+            (cache / name).symlink_to(cache_dir() / name)
+        os.environ["PRUNER_CACHE"] = str(cache)
+    cache_state = "empty (a fresh cache folder)" if args.fresh_cache else "as left by earlier runs"
+    load = [os.getloadavg()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp, serve_studio(Path(tmp) / "runs", Path(tmp) / "streamlit.log") as base, \
             sync_playwright() as p:
@@ -134,6 +146,8 @@ def main() -> None:
             ("Start -> first step / loss point, PG random init, no bias compensation (no calibration)",
              {"Steps": 400}, {"Initialisation": "random", "toggle": "Bias compensation"}),
             ("Start -> first step / loss point, PG defaults (metric init, 32 calibration windows)",
+             {"Steps": 400}, {}),
+            ("Start -> first step / loss point, PG defaults again (corpus tokenised, calibration done before)",
              {"Steps": 400}, {}),
         ]
         for i, (name, settings, picks) in enumerate(cases):
@@ -156,14 +170,19 @@ def main() -> None:
         if args.screenshots:
             screenshots(page, base, run_id)
         browser.close()
+    load.append(os.getloadavg())
     md = ("### Studio latency (headless Chromium, studio on localhost, same machine)\n\n"
-          + markdown_table(rows, ["measurement", "seconds"], {"seconds": "{:.2f}"})
+          + (f"Derived-data cache (token ids, calibration statistics) at the start: {cache_state}. "
+             f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load[0])}, after "
+             f"{tuple(round(x, 2) for x in load[1])}.\n\n")
+          + markdown_table(rows, ["measurement", "seconds", "first_step_s"],
+                           {"seconds": "{:.2f}", "first_step_s": "{:.2f}"})
           + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
             "(defaults: K=2, 4 x 128 tokens), after tokenising the corpus and, for a metric "
             "initialisation, calibrating. The page polls the run every second. A refresh while a run goes "
             "shares the 2 cores with the run's forward passes; the same refresh once it has stopped "
             "is the rendering alone.")
-    write_results(args.name, {"rows": rows}, md)
+    write_results(args.name, {"rows": rows, "cache": cache_state, "load_average": load}, md)
 
 
 if __name__ == "__main__":

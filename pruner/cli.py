@@ -197,7 +197,7 @@ def cmd_prune(args) -> dict | None:
 
 def _join_ranks(args):
     """Join the launcher's process group when there is one (gloo on CPU, NCCL on CUDA); with
-    --device auto each rank takes the CUDA device of its local rank."""
+    --device auto or cuda each rank takes the CUDA device of its local rank."""
     from . import distributed
     from .models import pick_device
 
@@ -206,10 +206,12 @@ def _join_ranks(args):
     if args.device_map is not None:
         raise PrunerError("--device-map spreads one model over the devices of one process; across processes "
                           "(torchrun) every rank holds the whole model on its own device")
-    if args.device == "auto":
-        import torch
+    import torch
 
-        args.device = f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        args.device = f"cuda:{distributed.local_rank()}"  # one device per rank
+    elif args.device == "auto":
+        args.device = "cpu"
     return distributed.init_from_env(pick_device(args.device))
 
 
