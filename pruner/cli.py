@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="architecture, head counts and parameter counts of a model")
     _model_args(p)
-    p.add_argument("--granularity", default="kv_group", help=f"unit granularity: {', '.join(GRANULARITIES)}")
+    p.add_argument("--granularity", default="auto", help=f"unit granularity: {', '.join(GRANULARITIES)}")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--ratio", type=float, default=None, help="fraction of decoder-linear parameters to remove, in (0, 1)")
-    p.add_argument("--granularity", default="kv_group", help=f"one of {', '.join(GRANULARITIES)}")
+    p.add_argument("--granularity", default="auto", help=f"one of {', '.join(GRANULARITIES)} (auto: kv_group where "
+                   "every layer has at least two k/v heads, else query_head)")
     p.add_argument("--data", default="brown", help="calibration corpus (methods that use data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows for metric scores")
@@ -106,14 +107,14 @@ def cmd_info(args) -> dict:
 def cmd_eval(args) -> dict:
     from .corpus import load_text
     from .evaluate import check_context, perplexity
-    from .windows import eval_windows, tokenize
+    from .windows import corpus_windows
 
     if args.batch_size < 1:
         raise PrunerError("--batch-size must be at least 1")
-    text = load_text(args.data, args.split)
+    load_text(args.data, args.split)  # a missing or bad corpus fails before the model loads
     loaded = _load(args)
     check_context(loaded.model, args.seqlen, "--seqlen")
-    windows = eval_windows(tokenize(loaded.tokenizer, text), args.seqlen, args.max_windows)
+    windows = corpus_windows(loaded.tokenizer, args.data, args.split, args.seqlen, args.max_windows)
     result = perplexity(loaded.model, windows, args.batch_size, progress=True)
     return result | {"data": args.data, "split": args.split, "model": args.model}
 

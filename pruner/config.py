@@ -20,7 +20,7 @@ class PruneConfig:
 
     method: str = "magnitude"
     ratio: float = 0.3
-    granularity: str = "kv_group"
+    granularity: str = "auto"  # kv_group where layers have >= 2 k/v heads, else query_head
     data: str = "brown"
     seed: int = 0
     calib_windows: int = 128

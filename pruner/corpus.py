@@ -16,7 +16,12 @@ from .errors import PrunerError
 from .fileio import publish_dir
 from .paths import brown_dir
 
-CORPORA = ("brown", "wikitext2", "c4")
+CORPORA = ("brown", "brown:informative", "brown:imaginative", "wikitext2", "c4")
+# The Brown corpus's own two-way division by genre letter (document names c<genre><nn>): informative
+# prose (a press reportage ... j learned) and imaginative prose (k general fiction ... r humor). Searching
+# on one and evaluating on the other is an out-of-domain check that needs nothing beyond the embedded corpus.
+BROWN_GENRES = {"brown:informative": set("abcdefghj"), "brown:imaginative": set("klmnpr")}
+TEXT_FILE_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 SPLITS = ("train", "validation", "test")
 
 FORMAT_VERSION = 1
@@ -299,20 +304,52 @@ def c4_documents(split: str) -> list[str]:
     return list(dataset["text"])
 
 
+def brown_genre_documents(corpus: str, split: str) -> list[str]:
+    """The documents of a Brown split whose genre letter belongs to `corpus` (BROWN_GENRES)."""
+    names = brown_manifest()["splits"][split]["documents"]
+    return [doc for name, doc in zip(names, brown_documents(split)) if name[1] in BROWN_GENRES[corpus]]
+
+
+def text_file_split(text: str, split: str) -> str:
+    """One of three disjoint parts of a local text: the first 80% of its paragraphs (by characters)
+    for train, the next 10% for validation, the last 10% for test, so a search never sees the
+    text it is evaluated on. A text of fewer than ten paragraphs is cut by words instead."""
+    pieces = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    joiner = SEPARATOR
+    if len(pieces) < 10:
+        pieces, joiner = text.split(), " "
+    sizes = [len(p) + len(joiner) for p in pieces]
+    total, bounds, start = sum(sizes), {}, 0.0
+    for name, fraction in TEXT_FILE_SPLITS:
+        bounds[name] = (start, start + fraction)
+        start += fraction
+    lo, hi = bounds[split]
+    chosen, position = [], 0
+    for piece, size in zip(pieces, sizes):
+        middle = (position + size / 2) / total
+        if lo <= middle < hi or (hi >= 1.0 and middle >= lo):
+            chosen.append(piece)
+        position += size
+    return joiner.join(chosen)
+
+
 def load_text(corpus: str, split: str) -> str:
     """A corpus split as one text.
 
-    corpus: `brown` (embedded, prepared by setup), `wikitext2` or `c4` (Hugging Face hub), or a
-    path to a UTF-8 text file (the whole file whatever the split). split: train, validation, test.
+    corpus: `brown` (embedded, prepared by setup), `brown:informative` / `brown:imaginative` (its
+    genre halves), `wikitext2` or `c4` (Hugging Face hub), or a path to a UTF-8 text file (cut into
+    disjoint train / validation / test parts, `text_file_split`). split: train, validation, test.
     """
     check_split(split)
     if corpus == "brown":
         return brown_text(split)
+    if corpus in BROWN_GENRES:
+        return SEPARATOR.join(brown_genre_documents(corpus, split))
     if corpus == "wikitext2":
         return wikitext2_text(split)
     if corpus == "c4":
         return "\n\n".join(c4_documents(split))
-    return read_text_file(text_file(corpus))
+    return text_file_split(read_text_file(text_file(corpus)), split)
 
 
 def load_documents(corpus: str, split: str) -> list[str]:
@@ -323,6 +360,8 @@ def load_documents(corpus: str, split: str) -> list[str]:
     check_split(split)
     if corpus == "brown":
         return brown_documents(split)
+    if corpus in BROWN_GENRES:
+        return brown_genre_documents(corpus, split)
     if corpus == "c4":
         return c4_documents(split)
     return [load_text(corpus, split)]

@@ -241,14 +241,15 @@ def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = No
     return publish_dir(Path(out), build, keep=(RUN_SUBDIR,))
 
 
-def model_summary(loaded: LoadedModel, granularity: str = "kv_group") -> dict:
+def model_summary(loaded: LoadedModel, granularity: str = "auto") -> dict:
     """Architecture, head/channel counts, parameter counts and the prunable units with their costs.
     A value that is the same in every layer is given once, else as a per-layer list."""
     from .evaluate import total_params
-    from .space import PruningSpace, check_granularity
+    from .space import UNIT_GRANULARITIES, PruningSpace, describe_units
 
-    space = PruningSpace.from_model(loaded.model, loaded.adapter, check_granularity(granularity))
+    space = PruningSpace.from_model(loaded.model, loaded.adapter, granularity)
     shapes, units = space.shapes, space.describe()
+    first = next((s for s in shapes if s.n_q), shapes[0])
 
     def one_or_list(values):
         return values[0] if len(set(values)) == 1 else values
@@ -266,6 +267,8 @@ def model_summary(loaded: LoadedModel, granularity: str = "kv_group") -> dict:
         "decoder_linear_params": space.decoder_linear_params(),
         "units": units | {"head_unit_cost": one_or_list(units["head_unit_cost"]),
                           "channel_unit_cost": one_or_list(units["channel_unit_cost"])},
+        "granularity": space.granularity,
+        "attention_unit_by_granularity": {g: describe_units(first, g) for g in UNIT_GRANULARITIES},
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
     }

@@ -33,3 +33,39 @@ def tiny_model(arch: str, seed: int = 0):
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def tiny_tokenizer(bos: bool = False):
+    """A real fast tokenizer over 90 words (ids 3..92; 0 unk, 1 bos, 2 eos) that fits the tiny models'
+    vocabulary; with `bos`, `tokenizer(text).input_ids` starts with BOS like Llama-2's or Gemma's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_corpus(path, words: int = 6000, seed: int = 0):
+    """A text file of random words in paragraphs of 60, for calibration and evaluation on tiny models."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(WORDS), (words,), generator=g).tolist()
+    paragraphs = [" ".join(WORDS[i] for i in ids[start:start + 60]) for start in range(0, words, 60)]
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+def tiny_loaded(arch: str = "llama", bos: bool = False, seed: int = 0):
+    """A LoadedModel of a tiny random model with `tiny_tokenizer`, as `load_model` would return it."""
+    from pruner.adapters import adapter_for
+    from pruner.models import LoadedModel
+
+    model = tiny_model(arch, seed)
+    return LoadedModel(model, tiny_tokenizer(bos), adapter_for(model), f"tiny-{arch}", torch.device("cpu"),
+                       torch.float32)
