@@ -33,3 +33,23 @@ def tiny_model(arch: str, seed: int = 0):
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer whose 97 ids fit the tiny models' vocabulary: printable ASCII
+    (ids 0-94), `<unk>` for anything else and `</s>`. Built offline from the `tokenizers` library."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(c): c - 32 for c in range(32, 127)} | {"<unk>": 95, "</s>": 96}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>",
+                                   model_max_length=COMMON["max_position_embeddings"])
+
+
+def save_tiny(folder, arch: str = "llama", seed: int = 0):
+    """A tiny random-weight model with its tokenizer saved as a checkpoint folder (safetensors)."""
+    model = tiny_model(arch, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
