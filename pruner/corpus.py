@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import PrunerError
 from .fileio import publish_dir
+from .hub import hub_offline, hub_reachable
 from .paths import brown_dir
 
 CORPORA = ("brown", "brown:informative", "brown:imaginative", "wikitext2", "c4")
@@ -229,14 +230,19 @@ def check_split(split: str) -> None:
 def text_file(corpus: str) -> Path:
     """The local text file a corpus name points to, or a PrunerError naming the choices."""
     path = Path(corpus).expanduser()
-    if not path.is_file():
-        raise PrunerError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)} "
-                          "(brown is embedded and works offline), or give a path to a .txt file")
-    return path
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise PrunerError(f"{corpus} is a folder: give a UTF-8 .txt file, or one of {', '.join(CORPORA)}")
+    if path.exists() or "/" in corpus or path.suffix:
+        raise PrunerError(f"no text file at {corpus}: give an existing UTF-8 .txt file, or one of "
+                          f"{', '.join(CORPORA)} (brown is embedded and works offline)")
+    raise PrunerError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)} "
+                      "(brown is embedded and works offline), or give a path to a .txt file")
 
 
 def read_text_file(path: Path) -> str:
-    """A local UTF-8 text file's contents."""
+    """A local UTF-8 text file's contents; PrunerError for a file that is not text or holds none."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -245,6 +251,8 @@ def read_text_file(path: Path) -> str:
         raise PrunerError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     if "\x00" in text:
         raise PrunerError(f"{path} holds NUL bytes: it is a binary file, not text")
+    if not text.strip():
+        raise PrunerError(f"{path} is empty (or only whitespace): give a file with some text")
     return text
 
 
@@ -278,13 +286,40 @@ def brown_documents(split: str) -> list[str]:
     return documents
 
 
+def check_hub(corpus: str) -> None:
+    """PrunerError at once when the hub cannot be reached (one quick check, hub.hub_reachable)
+    instead of the datasets library's half minute of retries. In offline mode (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE) the library reads its local cache only, which fails fast by itself."""
+    if not hub_offline(datasets=True) and not hub_reachable():
+        raise PrunerError(f"cannot load {corpus!r}: the Hugging Face hub is unreachable from here. Offline "
+                          "alternatives: `brown` (the embedded corpus) or a path to a local UTF-8 .txt file; "
+                          "a copy in your local HF cache is used with HF_HUB_OFFLINE=1")
+
+
+def check_corpus(corpus: str) -> None:
+    """Check before any work that a corpus can be read: brown is prepared, a text file is text,
+    the hub (for wikitext2 and c4) can be reached. PrunerError otherwise."""
+    if corpus == "brown":
+        brown_manifest()
+    elif corpus in ("wikitext2", "c4"):
+        check_hub(corpus)
+    else:
+        read_text_file(text_file(corpus))
+
+
 def hub_dataset(corpus: str, *args, **kwargs):
-    """`datasets.load_dataset(*args, **kwargs)`, any failure turned into an offline hint."""
+    """`datasets.load_dataset(*args, **kwargs)` after a quick reachability check (`check_hub`),
+    any failure turned into an offline hint."""
+    check_hub(corpus)
     try:
         from datasets import load_dataset
 
         return load_dataset(*args, **kwargs)
     except Exception as exc:
+        if hub_offline(datasets=True):
+            raise PrunerError(f"cannot load {corpus!r}: offline mode is set (HF_HUB_OFFLINE), so the hub is "
+                              "unreachable, and it is not in the local HF cache. Offline alternatives: `brown` (the "
+                              "embedded corpus) or a path to a local UTF-8 .txt file") from exc
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise PrunerError(f"cannot load {corpus!r}: the Hugging Face hub is unreachable or failed "
                           f"({type(exc).__name__}: {reason}). Offline alternatives: `brown` (the embedded "

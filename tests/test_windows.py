@@ -149,13 +149,13 @@ def test_real_tokenizer_long_text_is_quiet(quiet):
 def test_windows_start_with_bos_where_the_tokenizer_adds_one(tmp_path):
     """A tokenizer that prepends BOS gets BOS + (seqlen - 1) text tokens in every kind of window;
     one that adds none gets plain text windows."""
-    from tiny_models import tiny_corpus, tiny_tokenizer
+    from tiny_models import tiny_corpus, word_tokenizer
 
     from pruner.pg.run import training_blocks
     from pruner.windows import bos_id, corpus_windows
 
     path = tiny_corpus(tmp_path / "c.txt", words=3000)
-    with_bos, plain = tiny_tokenizer(bos=True), tiny_tokenizer(bos=False)
+    with_bos, plain = word_tokenizer(bos=True), word_tokenizer(bos=False)
     assert bos_id(with_bos) == 1 and bos_id(plain) is None and bos_id(WordTokenizer()) is None
     text_ids = tokenize(plain, windows.load_text(str(path), "test"))
     for tokenizer, bos in ((with_bos, 1), (plain, None)):

@@ -4,6 +4,7 @@ Selection; the loop itself is pruner.pg.run, the math pruner.pg_math."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def select(loaded, space: PruningSpace, config) -> Selection:
     run_dir = Path(config.run_dir) if config.run_dir else None
     on_status = record_status(RunRecord(run_dir, settings_of(loaded, config))) if run_dir else None
     run = build_run(loaded, space, config, run_dir, on_status)
+    if run_dir:
+        tqdm.write(f"checkpoints in {run_dir}: continue an interrupted run with --resume {run_dir}", file=sys.stderr)
     bar = tqdm(total=run.config.steps, initial=run.step, desc="policy gradient", unit="step")
 
     def progress(record: dict) -> None:
