@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,8 @@ def environment() -> dict:
 
 
 def command() -> str:
-    return " ".join([Path(sys.executable).name if "python" in sys.executable else sys.executable, "-m",
-                     "bench." + Path(sys.argv[0]).stem, *sys.argv[1:]])
+    """The command line that produced a result, quoted so it can be pasted back into a shell."""
+    return shlex.join(["python", "-m", "bench." + Path(sys.argv[0]).stem, *sys.argv[1:]])
 
 
 def markdown_table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:

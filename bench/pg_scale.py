@@ -53,16 +53,20 @@ def time_steps(model, ratio: float, overrides: dict, steps: int, warmup: int) ->
                       bias_compensation=False, eval_every=10**6, snapshot_every=10**6, checkpoint_every=10**6,
                       **overrides)
     run = PGRun(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid)
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for i in range(steps + warmup):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         run.do_step()
-        torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return {"step_s": statistics.median(times), "peak_gib": peak}
 
 
 def main(argv=None) -> None:
