@@ -106,8 +106,16 @@ def run_jobs(jobs: list[dict], init, work, workers: int = 1, on_row=None, deadli
     for _ in range(min(workers, len(pending))):
         queue.put(pending.pop(0))
         in_flight += 1
+    import queue as queues
+
     while in_flight:
-        kind, item = results.get()
+        try:
+            kind, item = results.get(timeout=5)
+        except queues.Empty:
+            if not any(p.is_alive() for p in procs):
+                print("every worker died: giving up on the remaining jobs", flush=True)
+                break
+            continue
         in_flight -= 1
         if kind == "row":
             rows.append(item)

@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from pruner.pg.config import PGConfig
 
-    chosen = json.loads(open(args.pg_from).read())["chosen_config"] if args.pg_from else {}
+    chosen = (json.loads(open(args.pg_from).read()).get("chosen_config") or {}) if args.pg_from else {}
     pg = dataclasses.asdict(PGConfig(**{**chosen, **json.loads(args.pg)}))
     init, rows, start = functools.partial(load_state, args.model, args.device, args.workers), [], time.time()
 
