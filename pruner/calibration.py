@@ -99,7 +99,7 @@ def calibration_stats(loaded, config) -> tuple[list[InputStats], list[InputStats
     after a restart, reads them back instead of calibrating again."""
     from . import disk_cache
     from .corpus import load_documents, load_text
-    from .windows import calibration_windows
+    from .windows import bos_id, calibration_windows
 
     setting = (config.data, config.calib_windows, config.calib_seqlen, config.seed)
     per_model = _STATS_CACHE.setdefault(loaded.model, {})
@@ -107,7 +107,8 @@ def calibration_stats(loaded, config) -> tuple[list[InputStats], list[InputStats
         text = "\n\n".join(load_documents(config.data, "train")) if config.data == "c4" else load_text(config.data, "train")
         key = {"model": disk_cache.model_fingerprint(loaded.model), "tokenizer": disk_cache.tokenizer_fingerprint(
             loaded.tokenizer), "text": disk_cache.text_fingerprint(text), "corpus": config.data,
-            "windows": config.calib_windows, "seqlen": config.calib_seqlen, "seed": config.seed}
+            "windows": config.calib_windows, "seqlen": config.calib_seqlen, "seed": config.seed,
+            "bos": bos_id(loaded.tokenizer)}  # windows start with BOS where the tokenizer adds one
         cached = key["tokenizer"] is not None
         stats = stats_from_tensors(disk_cache.load("calibration", key)) if cached else None
         if stats is None:

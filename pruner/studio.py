@@ -95,8 +95,9 @@ class Job:
         return (1, 1) if self._status == "finished" else (0, 1)
 
     def info(self) -> dict:
+        status = self.status  # before the step: a run seen "paused" has no step in flight, its step is final
         step, steps = self.progress()
-        return {"id": self.id, "dir": str(self.dir), "status": self.status, "step": step, "steps": steps,
+        return {"id": self.id, "dir": str(self.dir), "status": status, "step": step, "steps": steps,
                 "settings": self.record.settings, "error": self.error,
                 "has_model": (self.dir / MODEL_SUBDIR / REPORT_FILE).is_file(), "updated": time.time()}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import small_text, tiny_checkpoint, tiny_model
+from tiny_models import save_tiny, tiny_corpus, tiny_model
 
 from pruner.adapters import adapter_for
 from pruner.calibration import collect_input_stats, input_means
@@ -120,8 +120,8 @@ def test_torchrun_prune_equals_one_process_and_only_rank_0_writes(tmp_path, caps
     """`torchrun --nproc_per_node 2 -m pruner prune --method pg` against `python -m pruner prune`."""
     from pruner.cli import main
 
-    model = tiny_checkpoint(tmp_path / "tiny")
-    text = small_text(tmp_path / "text.txt")
+    model = save_tiny(tmp_path / "tiny")
+    text = tiny_corpus(tmp_path / "text.txt")
     args = ["prune", "--model", str(model), "--method", "pg", "--ratio", "0.5", "--data", str(text), "--steps", "4",
             "--samples", "3", "--batch-size", "2", "--seqlen", "16", "--eval-every", "2", "--eval-windows", "3",
             "--calib-windows", "4", "--json"]
