@@ -5,11 +5,18 @@ A run directory (under `paths.runs_dir()`) holds
     checkpoint.safetensors   policy-gradient state (resumable; tensors and JSON only)
     model/          the pruned model and its report.json, written when a run finishes or stops
 Jobs work on a private copy of the model: the cached model that pages read is never hooked or
-modified. Nothing here touches Streamlit; pages only read a job's state.
+modified. A job lets go of that copy and of its search when it ends: an ended run lives on disk
+only (its record, checkpoint and model), and resuming it reads its checkpoint. Nothing here
+touches Streamlit; pages only read a job's state.
+
+One heavy thing at a time: a run's job, or one What-if computation (`pruner.whatif`, the studio's
+`whatif` queue). What-if work waits while a run is going; starting a run waits for the What-if
+computation in flight (seconds) and no new one begins until the run has ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -30,10 +37,13 @@ from .pg.checkpoint import has_checkpoint, load_checkpoint, read_settings
 from .pg.history import RunHistory
 from .pg.run import PGRun
 from .prune import apply, prune, report
-from .run_record import LIVE, RunRecord, read_record
+from .run_record import FINAL, LIVE, RunRecord, read_record
 from .space import PruningSpace
+from .whatif import WhatIfQueue, release_memory
 
 MODEL_SUBDIR = "model"
+SLOT_POLL_S = 0.5  # how often waiting What-if work looks whether the run has ended
+WHATIF_FINISH_S = 300.0  # the longest a run's start waits for the What-if computation in flight
 
 
 def new_run_id(config: PruneConfig) -> str:
@@ -51,7 +61,8 @@ class Job:
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
-    The job's `RunRecord` is the one writer of `<dir>/status.json`.
+    The job's `RunRecord` is the one writer of `<dir>/status.json`. Once ended, the job drops its
+    model copy and search (`loaded` and `pg` become None); its history is then read from disk.
     """
 
     def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig):
@@ -63,6 +74,7 @@ class Job:
         self.started = time.time()
         self._thread: threading.Thread | None = None
         self._stop_asked = False
+        self._ended_at: tuple[int, int] | None = None  # (step, steps) when the job let go of its search
         self.record = RunRecord(self.dir, settings_of(loaded, config))
 
     # -- state read by pages ------------------------------------------------------------------
@@ -75,15 +87,25 @@ class Job:
 
     @property
     def is_alive(self) -> bool:
-        """True while the job works; its final status is set as the thread's very last act."""
+        """True while the job works; its final status is set as the thread's last act on the run."""
         return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
 
+    @property
+    def ended(self) -> bool:
+        return self._status in FINAL
+
     def history(self) -> dict:
-        return self.pg.history.read() if self.pg else RunHistory().read()
+        pg = self.pg
+        if pg is not None:
+            return pg.history.read()
+        return saved_history(self.dir) if self._ended_at else RunHistory().read()
 
     def progress(self) -> tuple[int, int]:
-        if self.pg:
-            return self.pg.step, self.pg.config.steps
+        pg = self.pg
+        if pg is not None:
+            return pg.step, pg.config.steps
+        if self._ended_at:
+            return self._ended_at
         return (1, 1) if self._status == "finished" else (0, 1)
 
     def info(self) -> dict:
@@ -136,7 +158,10 @@ class Job:
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
         self._write(ended)
-        self._status = ended  # last: pages that see a final status find everything on disk
+        self._ended_at = self.progress()
+        self._status = ended  # pages that see a final status find everything on disk
+        self.pg = self.loaded = None  # the model copy and the search: an ended run lives on disk
+        release_memory()
 
     def _run_pg(self) -> str:
         """The PG loop, then slice and save its current hard mask; returns "finished" or "stopped"."""
@@ -171,12 +196,17 @@ class Job:
 
 
 class Studio:
-    """Every run of this process plus those on disk; at most one heavy job at a time."""
+    """Every run of this process plus those on disk, and the What-if queue; at most one heavy job
+    (a run, or one What-if computation) at a time."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else runs_dir()
         self.jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._slot = threading.Condition(self._lock)  # signalled when What-if work or a run's start ends
+        self._whatif_busy = False  # a What-if computation holds its memory
+        self._starting = False  # a run is being set up: no What-if computation may begin
+        self.whatif = WhatIfQueue(self.whatif_slot)
 
     def folder(self, run_id: str) -> Path:
         """The folder of run `run_id`, strictly inside the runs folder (PrunerError otherwise)."""
@@ -192,39 +222,92 @@ class Studio:
             raise PrunerError(f"run {busy.id} is still going ({busy.status}); stop it or wait for it "
                               "before starting another: one heavy run at a time")
 
+    @contextlib.contextmanager
+    def whatif_slot(self, on_wait):
+        """Hold the heavy slot for one What-if computation. Waits while a run is going or being set
+        up, calling `on_wait(run_id)` (`on_wait(None)` once it has the slot)."""
+        with self._slot:
+            while True:
+                busy = self.active()
+                if busy is None and not self._starting:
+                    break
+                on_wait(busy.id if busy is not None else "being started")
+                self._slot.wait(SLOT_POLL_S)
+            on_wait(None)
+            self._whatif_busy = True
+        try:
+            yield
+        finally:
+            with self._slot:
+                self._whatif_busy = False
+                self._slot.notify_all()
+
+    @contextlib.contextmanager
+    def _run_slot(self):
+        """Set up a run: refuse if one is going, wait for the What-if computation in flight to end
+        (no new one begins meanwhile). The job must be alive when the block ends."""
+        with self._slot:
+            self._refuse_if_busy()
+            if self._starting:
+                raise PrunerError("another run is being started: one heavy run at a time")
+            self._starting = True
+            try:
+                if not self._slot.wait_for(lambda: not self._whatif_busy, WHATIF_FINISH_S):
+                    raise PrunerError(f"What-if work is still computing after {WHATIF_FINISH_S:.0f} s; "
+                                      "try again in a moment")
+            except BaseException:
+                self._starting = False
+                self._slot.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._slot:
+                self._starting = False
+                self._slot.notify_all()
+
     def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
         """Start a new run of `config` on a private copy of `loaded`."""
         config = dataclasses.replace(config, run_dir=None).validate()
-        self._refuse_if_busy()
-        run_id = new_run_id(config)
-        job = Job(run_id, self.folder(run_id), private_copy(loaded), config)
-        with self._lock:
-            self.jobs[run_id] = job
-        job.start()
+        with self._run_slot():
+            run_id = new_run_id(config)
+            job = Job(run_id, self.folder(run_id), private_copy(loaded), config)
+            with self._lock:
+                self.jobs[run_id] = job
+            job.start()
         return job
 
     def get(self, run_id: str) -> Job | None:
+        """The job of `run_id` while it has not ended, else None: an ended run is read from disk."""
         with self._lock:
-            return self.jobs.get(run_id)
+            job = self.jobs.get(run_id)
+            if job is not None and job.ended:
+                del self.jobs[run_id]
+                return None
+            return job
 
     def resume(self, run_id: str, load) -> Job:
         """Continue a stopped or interrupted policy-gradient run from its checkpoint.
         `load(spec)` returns the LoadedModel for the run's model spec (the page's cache)."""
-        self._refuse_if_busy()
-        job = self.get(run_id)
-        if job is None:
-            run_dir = self.folder(run_id)
-            if not has_checkpoint(run_dir):
-                raise PrunerError(f"run {run_id} has no checkpoint to resume from")
-            settings = read_settings(run_dir)
-            config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
-            job = Job(run_id, run_dir, private_copy(load(settings.get("model", "embedded"))), config)
-            with self._lock:
-                self.jobs[run_id] = job
-        if job.config.method != "pg":
-            raise PrunerError(f"run {run_id} is a {job.config.method} run: only policy-gradient runs resume")
-        if job.pg is not None and job.pg.step >= job.pg.config.steps:
+        with self._run_slot():
+            return self._resume(run_id, load)
+
+    def _resume(self, run_id: str, load) -> Job:
+        """A new job on the run's folder, continued from its checkpoint (no job of it is alive)."""
+        run_dir = self.folder(run_id)
+        record = read_record(run_dir)
+        method = (record.get("settings") or {}).get("method", "pg")
+        if method != "pg":
+            raise PrunerError(f"run {run_id} is a {method} run: only policy-gradient runs resume")
+        if record.get("status") == "finished":
             raise PrunerError(f"run {run_id} has finished all its steps")
+        if not has_checkpoint(run_dir):
+            raise PrunerError(f"run {run_id} has no checkpoint to resume from")
+        settings = read_settings(run_dir)
+        config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
+        job = Job(run_id, run_dir, private_copy(load(settings.get("model", "embedded"))), config)
+        with self._lock:
+            self.jobs[run_id] = job
         job.start()
         return job
 
