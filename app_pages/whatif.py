@@ -43,8 +43,8 @@ sweeping = st.session_state.get("sweep") == sweep_key
 sweep_box = st.container()
 sweep = {m: [WhatIf.pruning(*model_key, c["data"], m, r, SWEEP_GRANULARITY) for r in ratios] for m in methods} \
     if sweeping else {}
-pg_runs = [info for info in manager.runs()
-           if sweeping and info.get("has_model") and info.get("settings", {}).get("method") == "pg"
+pg_runs = [info for info in (manager.runs() if sweeping else [])
+           if info.get("has_model") and info.get("settings", {}).get("method") == "pg"
            and info["settings"].get("model") == c["model_spec"] and info["settings"].get("data") == c["data"]]
 pg_points = [(info["settings"]["ratio"], info["id"], WhatIf.saved(info["dir"] + "/model", c["device"], c["dtype"],
                                                                    c["data"])) for info in pg_runs]

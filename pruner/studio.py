@@ -10,8 +10,9 @@ only (its record, checkpoint and model), and resuming it reads its checkpoint. N
 touches Streamlit; pages only read a job's state.
 
 One heavy thing at a time: a run's job, or one What-if computation (`pruner.whatif`, the studio's
-`whatif` queue). What-if work waits while a run is going; starting a run waits for the What-if
-computation in flight (seconds) and no new one begins until the run has ended.
+`whatif` queue). What-if work waits while a run is going. A run starts at once (no page waits), and
+its thread waits for the What-if computation in flight, if any, before it copies the model; no new
+one begins until the run has ended.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from .whatif import WhatIfQueue, release_memory
 
 MODEL_SUBDIR = "model"
 SLOT_POLL_S = 0.5  # how often waiting What-if work looks whether the run has ended
-WHATIF_FINISH_S = 300.0  # the longest a run's start waits for the What-if computation in flight
 
 
 def new_run_id(config: PruneConfig) -> str:
@@ -61,12 +61,14 @@ class Job:
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
-    The job's `RunRecord` is the one writer of `<dir>/status.json`. Once ended, the job drops its
-    model copy and search (`loaded` and `pg` become None); its history is then read from disk.
+    The job's `RunRecord` is the one writer of `<dir>/status.json`. `loaded` is the shared model
+    until the job's turn comes (`wait_turn`), then the job's private copy of it. Once ended, the job
+    drops its copy and its search (`loaded` and `pg` become None); its history is then read from disk.
     """
 
-    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig):
+    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig, wait_turn=None):
         self.id, self.dir, self.loaded, self.config = run_id, Path(run_dir), loaded, config
+        self._wait_turn = wait_turn  # called first in the job's thread: the studio's one-heavy-job rule
         self.pg: PGRun | None = None
         self._status = "created"
         self.error: str | None = None
@@ -117,7 +119,7 @@ class Job:
 
     # -- control --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Begin (or continue after a stop) in a daemon thread."""
+        """Begin in a daemon thread (a job runs once; a stopped run resumes as a new job)."""
         if self.is_alive:
             raise PrunerError(f"run {self.id} is already going")
         self._status, self.error, self._stop_asked = "loading", None, False
@@ -145,6 +147,9 @@ class Job:
     # -- the work -------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
+            if self._wait_turn is not None:
+                self._wait_turn()
+            self.loaded = private_copy(self.loaded)  # hooks and pruning never touch the shared model
             if self.config.method == "pg":
                 ended = self._run_pg()
             else:
@@ -205,7 +210,6 @@ class Studio:
         self._lock = threading.RLock()
         self._slot = threading.Condition(self._lock)  # signalled when What-if work or a run's start ends
         self._whatif_busy = False  # a What-if computation holds its memory
-        self._starting = False  # a run is being set up: no What-if computation may begin
         self.whatif = WhatIfQueue(self.whatif_slot)
 
     def folder(self, run_id: str) -> Path:
@@ -224,14 +228,11 @@ class Studio:
 
     @contextlib.contextmanager
     def whatif_slot(self, on_wait):
-        """Hold the heavy slot for one What-if computation. Waits while a run is going or being set
-        up, calling `on_wait(run_id)` (`on_wait(None)` once it has the slot)."""
+        """Hold the heavy slot for one What-if computation. Waits while a run is going, calling
+        `on_wait(run_id)` (and `on_wait(None)` once it has the slot)."""
         with self._slot:
-            while True:
-                busy = self.active()
-                if busy is None and not self._starting:
-                    break
-                on_wait(busy.id if busy is not None else "being started")
+            while (busy := self.active()) is not None:
+                on_wait(busy.id)
                 self._slot.wait(SLOT_POLL_S)
             on_wait(None)
             self._whatif_busy = True
@@ -242,40 +243,27 @@ class Studio:
                 self._whatif_busy = False
                 self._slot.notify_all()
 
-    @contextlib.contextmanager
-    def _run_slot(self):
-        """Set up a run: refuse if one is going, wait for the What-if computation in flight to end
-        (no new one begins meanwhile). The job must be alive when the block ends."""
+    def _whatif_done(self) -> None:
+        """A run's first act (in its thread): wait for the What-if computation in flight, if any."""
+        with self._slot:
+            self._slot.wait_for(lambda: not self._whatif_busy)
+
+    def _launch(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig) -> Job:
+        """Register and start a job, unless a run is going. From here no What-if computation begins;
+        the job waits for the one in flight before it copies the model."""
         with self._slot:
             self._refuse_if_busy()
-            if self._starting:
-                raise PrunerError("another run is being started: one heavy run at a time")
-            self._starting = True
-            try:
-                if not self._slot.wait_for(lambda: not self._whatif_busy, WHATIF_FINISH_S):
-                    raise PrunerError(f"What-if work is still computing after {WHATIF_FINISH_S:.0f} s; "
-                                      "try again in a moment")
-            except BaseException:
-                self._starting = False
-                self._slot.notify_all()
-                raise
-        try:
-            yield
-        finally:
-            with self._slot:
-                self._starting = False
-                self._slot.notify_all()
+            job = Job(run_id, run_dir, loaded, config, wait_turn=self._whatif_done)
+            self.jobs[run_id] = job
+            job.start()
+        return job
 
     def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
         """Start a new run of `config` on a private copy of `loaded`."""
         config = dataclasses.replace(config, run_dir=None).validate()
-        with self._run_slot():
-            run_id = new_run_id(config)
-            job = Job(run_id, self.folder(run_id), private_copy(loaded), config)
-            with self._lock:
-                self.jobs[run_id] = job
-            job.start()
-        return job
+        self._refuse_if_busy()
+        run_id = new_run_id(config)
+        return self._launch(run_id, self.folder(run_id), loaded, config)
 
     def get(self, run_id: str) -> Job | None:
         """The job of `run_id` while it has not ended, else None: an ended run is read from disk."""
@@ -288,12 +276,9 @@ class Studio:
 
     def resume(self, run_id: str, load) -> Job:
         """Continue a stopped or interrupted policy-gradient run from its checkpoint.
-        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache)."""
-        with self._run_slot():
-            return self._resume(run_id, load)
-
-    def _resume(self, run_id: str, load) -> Job:
-        """A new job on the run's folder, continued from its checkpoint (no job of it is alive)."""
+        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache).
+        The new job continues from the run's checkpoint (an ended job keeps nothing in memory)."""
+        self._refuse_if_busy()
         run_dir = self.folder(run_id)
         record = read_record(run_dir)
         method = (record.get("settings") or {}).get("method", "pg")
@@ -305,11 +290,7 @@ class Studio:
             raise PrunerError(f"run {run_id} has no checkpoint to resume from")
         settings = read_settings(run_dir)
         config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
-        job = Job(run_id, run_dir, private_copy(load(settings.get("model", "embedded"))), config)
-        with self._lock:
-            self.jobs[run_id] = job
-        job.start()
-        return job
+        return self._launch(run_id, run_dir, load(settings.get("model", "embedded")), config)
 
     def runs(self) -> list[dict]:
         """Every run directory, newest first, live jobs with their live state. A run whose

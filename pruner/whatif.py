@@ -9,8 +9,8 @@ keeps its small result dict (never the pruned model) in a bounded LRU, and goes 
 - A newer wish list replaces the queued one: requests not yet started are forgotten. The request in
   flight finishes and is kept (a page often comes back to it); it is never computed twice.
 - What-if work and a run never overlap: each computation holds the studio's heavy slot (`gate`).
-  The slot waits while a run is going ("waiting for run X"), and a run's start waits for the one
-  computation in flight (seconds) while no new one begins.
+  The slot waits while a run is going ("waiting for run X"); a run started meanwhile waits, in its
+  own thread, for the one computation in flight before it copies the model.
 - Calibration statistics are computed once per model (`calibration.calibration_stats` keeps them
   per model object); evaluation windows once per model and corpus.
 
@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import sys
 import threading
 import time
 import traceback
@@ -207,6 +208,7 @@ class WhatIfQueue:
                         continue
                     request, loaded = self._wanted.pop(0)
                     self._running = request
+                start = time.perf_counter()
                 try:
                     result = self._compute(request, loaded, lambda model: self._eval_windows(request, model))
                 except PrunerError as exc:
@@ -217,6 +219,8 @@ class WhatIfQueue:
                 finally:
                     loaded = None
                     release_memory()
+                print(f"whatif: computed {request.describe()} in {time.perf_counter() - start:.1f} s"
+                      + (f" ({result['error']})" if "error" in result else ""), file=sys.stderr, flush=True)
                 with self._cond:
                     self._results[request] = result
                     self._evict()

@@ -23,6 +23,11 @@ LONG_PG = PGConfig(steps=10_000, samples=2, batch_size=1, seqlen=16, init="const
                    eval_windows=1, snapshot_every=1000, checkpoint_every=1000)
 
 
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model("embedded", device="cpu", dtype="fp32")
+
+
 def request(method="flap", ratio=0.3, granularity="kv_group"):
     return WhatIf.pruning("embedded", "cpu", "fp32", "brown", method, ratio, granularity)
 
@@ -110,14 +115,14 @@ def test_results_are_bounded_small_dicts_and_errors_are_results():
     queue = WhatIfQueue(compute=fake, capacity=3)
     reqs = [request(ratio=r) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
     bad = request(method="bad")
-    results = wait_for(queue, reqs[:2], None)
+    results = wait_for(queue, reqs[:2], None, timeout=60)
     assert [r["ppl"] for r in results] == pytest.approx([10.1, 10.2])
-    wait_for(queue, reqs[2:] + [bad], None)  # four results wanted at once: all kept beyond the capacity
+    wait_for(queue, reqs[2:] + [bad], None, timeout=60)  # four results wanted at once: all kept beyond the capacity
     assert queue.result(bad) == {"error": "no such method"}  # the worker went on after the failure
     assert [queue.result(r) is not None for r in reqs] == [False, False, True, True, True]
     # the line above read 0.3, 0.4, 0.5 last: least recently used now are `bad`, then 0.3
     queue.submit([bad], None)  # the wish list moved on: the least recently used are forgotten
-    wait_for(queue, [reqs[0]], None)
+    wait_for(queue, [reqs[0]], None, timeout=60)
     assert queue.result(bad) is None
     assert [queue.result(r) is not None for r in reqs] == [True, False, False, True, True]
     assert queue.computed == 7
@@ -130,32 +135,24 @@ def test_whatif_waits_for_a_run_and_a_run_waits_for_the_computation_in_flight(tm
     studio.whatif = WhatIfQueue(studio.whatif_slot, compute=fake)
     studio.whatif.submit([a, b], embedded)
     wait_until(lambda: studio.whatif.state()["running"] == a)
-    # a run asked for while `a` is computed starts only once `a` has ended, and `b` waits for the run
-    started = {}
-    starter = threading.Thread(target=lambda: started.setdefault("job", studio.start(embedded, PruneConfig(
-        method="pg", ratio=0.3, calib_windows=1, pg=LONG_PG))))
-    starter.start()
+    # a run started while `a` is computed starts at once, but its thread waits for `a` before it copies
+    # the model; `b` (queued) waits for the run
+    job = studio.start(embedded, PruneConfig(method="pg", ratio=0.3, calib_windows=1, pg=LONG_PG))
     time.sleep(0.5)
-    assert "job" not in started and studio.active() is None
+    assert job.is_alive and job.status == "loading" and job.loaded is embedded and job.pg is None
+    assert studio.whatif.state()["running"] == a and not fake.ended
     fake.release()
-    starter.join(60)
-    job = started["job"]
-    assert job.is_alive and [r for r, _ in fake.ended] == [a]
     wait_until(lambda: studio.whatif.state()["waiting_for"] == job.id)
     assert describe_state(studio.whatif.state()).startswith(f"Waiting for run `{job.id}` to end")
     studio.whatif.submit([c], embedded)  # still superseding while it waits
     wait_until(lambda: job.pg is not None and job.pg.step >= 2)
+    assert job.loaded is not embedded  # its private copy, made once `a` had ended
     assert fake.started == [a] and studio.whatif.result(c) is None
     job.stop()
     job.wait(120)
     assert studio.whatif.wait_idle(60)
     assert fake.started == [a, c] and not fake.beside_a_run and fake.most_inside == 1
     assert studio.whatif.state()["waiting_for"] is None
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return load_model("embedded", device="cpu", dtype="fp32")
 
 
 def test_the_queue_measures_what_prune_and_perplexity_give(embedded):

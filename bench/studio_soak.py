@@ -1,0 +1,356 @@
+"""The studio under load: resident memory of the server while a headless browser makes 100 rapid What-if
+changes and two short policy-gradient runs, with a refresh of each running run.
+
+    .venv/bin/python -m bench.studio_soak
+
+The studio runs as `streamlit run app.py` on localhost; headless Chromium drives it (playwright). A thread
+samples the RSS of the server process and its children (psutil) every SAMPLE_S seconds throughout.
+Measured:
+- before: the server at rest after a first What-if result (model loaded, calibration statistics computed);
+- one What-if prune: the peak while a single What-if computation runs alone, at the two ends of the
+  soak's range (the largest pruned copy, ratio 0.05, and the smallest, ratio 0.8); the steady state
+  of one prune is the larger of these peaks;
+- the soak: 100 What-if changes (ratio, metric, granularity) a fraction of a second apart, without waiting
+  for results, split around two PG runs that are started, refreshed (the form must show the run's own
+  settings, not the defaults) and watched to their end, with What-if changes made while each runs;
+- after: the server at rest once the last change has its result.
+Targets (issue "The studio under load"): peak <= 1.5 x one What-if prune; after within 10% of before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import markdown_table, write_results
+from tools.browser import PageWatch, choose, launch_chromium, set_number, studio_process, toggle, wait_for_app_idle
+
+SAMPLE_S = 0.2
+LONG_MS = 3_600_000  # a shared, busy 2-core machine: one What-if computation has taken 10 minutes
+REST_S = 6.0  # seconds of rest sampled for "before" and "after"
+GIB = 2 ** 30
+METRICS = ["flap", "wanda-sp", "magnitude"]
+GRANULARITIES = ["kv_group", "query_head", "block"]
+RATIO_MIN, RATIO_MAX, RATIO_STEP = 0.05, 0.8, 0.05
+# Short PG runs: a few steps of one 32-token sequence from a random initialisation without bias
+# compensation (no calibration pass); all of these differ from the form's defaults.
+PG_SETTINGS = {"Steps": 8, "Batch size": 1, "Sequence length": 32, "Calibration windows": 8}
+PG_CHOICES = {"Initialisation": "random"}
+PG_TOGGLES = {"Bias compensation": False}
+
+
+class Sampler:
+    """RSS of a process and its children, sampled in a thread, each sample tagged with the current phase."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.samples: list[tuple[float, str, int]] = []
+        self.phase = "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.monotonic()
+
+    def rss(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic() - self.t0, self.phase, self.rss()))
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(SAMPLE_S)
+
+    def start(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def since(self, t: float) -> list[int]:
+        return [r for s, _, r in self.samples if s >= t]
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def peak(self, phase_prefix: str) -> int:
+        return max(r for _, p, r in self.samples if p.startswith(phase_prefix))
+
+
+def rest(sampler: Sampler, phase: str) -> int:
+    """Median RSS over REST_S seconds with nothing going on."""
+    sampler.phase = phase
+    t = sampler.now()
+    time.sleep(REST_S)
+    return int(statistics.median(sampler.since(t)))
+
+
+# ---- the What-if page ------------------------------------------------------------------------------
+
+def ratio_thumb(page, label: str = "Ratio"):
+    """The slider labelled `label` (its accessible name repeats the label, so found by aria-label)."""
+    return page.locator(f'input[type="range"][aria-label="{label}"]')
+
+
+def current_ratio(page, label: str = "Ratio") -> float:
+    return float(ratio_thumb(page, label).input_value())
+
+
+def pick(page, label: str, option: str) -> None:
+    """Choose `option` in the selectbox `label` (no waiting for the app)."""
+    box = page.get_by_label(label, exact=True)
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def settled(page, timeout_s: float = LONG_MS / 1000) -> str:
+    """Wait until the What-if page shows the result of its current setting and nothing is queued;
+    return the chart's title (which names the method and ratio)."""
+    from playwright.sync_api import expect
+
+    wait_for_app_idle(page, timeout=timeout_s)
+    expect(page.locator(".st-key-whatif_working")).to_have_count(0, timeout=timeout_s * 1000)
+    chart = page.locator(".st-key-whatif_layers .gtitle").first
+    chart.wait_for(timeout=timeout_s * 1000)
+    wait_for_app_idle(page, timeout=timeout_s)
+    return chart.text_content()
+
+
+def one_prune(page, sampler: Sampler, method: str, ratio: float, granularity: str) -> int:
+    """Move the page to one setting, wait for its result; the peak RSS meanwhile."""
+    sampler.phase = f"single {method} {ratio:.2f} {granularity}"
+    t = sampler.now()
+    set_whatif(page, method, ratio, granularity)
+    title = settled(page)
+    assert f"({method}, ratio {ratio:.2f})" in title, title
+    return max(sampler.since(t))
+
+
+def set_whatif(page, method: str, ratio: float, granularity: str) -> None:
+    if page.get_by_label("Metric", exact=True).input_value() != method:
+        pick(page, "Metric", method)
+        wait_for_app_idle(page)
+    if page.get_by_label("Granularity", exact=True).input_value() != granularity:
+        pick(page, "Granularity", granularity)
+        wait_for_app_idle(page)
+    thumb = ratio_thumb(page)
+    while abs(current_ratio(page) - ratio) > 1e-6:
+        thumb.press("ArrowRight" if current_ratio(page) < ratio else "ArrowLeft")
+        wait_for_app_idle(page)
+
+
+def rapid_changes(page, rng: random.Random, count: int, gap_s: float) -> list[str]:
+    """`count` quick What-if changes, `gap_s` apart, never waiting for a result."""
+    done = []
+    thumb = ratio_thumb(page)
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.7:
+            value = current_ratio(page)
+            key = "ArrowLeft" if value >= RATIO_MAX - 1e-6 or (value > RATIO_MIN + 1e-6 and rng.random() < 0.5) \
+                else "ArrowRight"
+            thumb.press(key)
+            done.append(f"ratio {key[5:].lower()}")
+        elif roll < 0.85:
+            option = rng.choice([m for m in METRICS if m != page.get_by_label("Metric", exact=True).input_value()])
+            pick(page, "Metric", option)
+            done.append(f"metric {option}")
+        else:
+            now = page.get_by_label("Granularity", exact=True).input_value()
+            option = rng.choice([g for g in GRANULARITIES if g != now])
+            pick(page, "Granularity", option)
+            done.append(f"granularity {option}")
+        page.wait_for_timeout(gap_s * 1000)
+    return done
+
+
+# ---- a PG run on the Prune page -----------------------------------------------------------------
+
+def start_pg(page, base: str, ratio_presses: int) -> str:
+    """Start a short PG run with non-default settings; return its id."""
+    page.goto(f"{base}/prune")
+    page.get_by_role("button", name="Start", exact=True).wait_for(timeout=LONG_MS)
+    wait_for_app_idle(page)
+    for label, value in PG_SETTINGS.items():
+        set_number(page, label, value)
+    for label, option in PG_CHOICES.items():
+        choose(page, label, option)
+    for label in PG_TOGGLES:
+        toggle(page, label)
+    wait_for_app_idle(page)
+    thumb = ratio_thumb(page, "Pruning ratio")
+    for _ in range(ratio_presses):
+        thumb.press("ArrowRight")
+        wait_for_app_idle(page)
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_url(re.compile(r"[?&]run=[^&]+"), timeout=LONG_MS)
+    run_id = re.search(r"[?&]run=([^&]+)", page.url).group(1)
+    # refresh while it runs (or, should its few steps be over already, once it has ended)
+    page.locator(".st-key-run_status").filter(has_text=re.compile("running|finished|failed")).first.wait_for(
+        timeout=LONG_MS)
+    return run_id
+
+
+def form_after_refresh(page, run_id: str) -> dict:
+    """Reload the running run's page and read its form: the run's settings, not the defaults."""
+    from playwright.sync_api import expect
+
+    page.reload()
+    expect(page.locator(".st-key-run_status")).to_contain_text(run_id, timeout=LONG_MS)
+    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    shown = {label: page.get_by_label(label, exact=True).input_value() for label in [*PG_SETTINGS, *PG_CHOICES]}
+    shown |= {label: page.get_by_role("checkbox", name=label, exact=True).is_checked() for label in PG_TOGGLES}
+    shown["Pruning ratio"] = ratio_thumb(page, "Pruning ratio").input_value()
+    shown["status"] = page.locator(".st-key-run_status").inner_text().strip().splitlines()[0]
+    return shown
+
+
+def wait_run_ended(page, base: str, run_id: str) -> str:
+    page.goto(f"{base}/prune?run={run_id}")
+    ended = page.locator(".st-key-run_status").filter(has_text=re.compile("finished|stopped|failed")).first
+    ended.wait_for(timeout=LONG_MS)
+    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    return ended.inner_text().strip().splitlines()[0]
+
+
+def pg_run(page, base: str, sampler: Sampler, rng: random.Random, n: int, changes: int, gap_s: float) -> dict:
+    """A PG run: start, refresh (check the form), What-if changes while it runs, wait for its end."""
+    sampler.phase = f"pg run {n}"
+    run_id = start_pg(page, base, ratio_presses=2 * n)  # ratio 0.40, then 0.50
+    form = form_after_refresh(page, run_id)
+    expected = PG_SETTINGS | PG_CHOICES | PG_TOGGLES | {"Pruning ratio": round(0.3 + 0.1 * n, 2)}
+    shown_ok = all(form[k] == v if isinstance(v, (str, bool)) else abs(float(form[k]) - v) < 1e-9
+                   for k, v in expected.items())
+    page.goto(f"{base}/whatif")
+    page.get_by_label("Metric", exact=True).wait_for(timeout=LONG_MS)
+    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    sampler.phase = f"pg run {n} + whatif changes"
+    done = rapid_changes(page, rng, changes, gap_s)
+    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    working = page.locator(".st-key-whatif_working")
+    waiting_text = working.first.inner_text() if working.count() else ""
+    sampler.phase = f"pg run {n}"
+    final = wait_run_ended(page, base, run_id)
+    return {"run": run_id, "form_after_refresh": form, "form_expected": expected, "form_shows_run_settings": shown_ok,
+            "whatif_while_running": waiting_text, "whatif_changes": done, "final_status": final}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--changes", type=int, default=100, help="What-if changes in all (a tenth while each run goes)")
+    ap.add_argument("--gap", type=float, default=0.15, help="seconds between two What-if changes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (e.g. MALLOC_ARENA_MAX=2)")
+    ap.add_argument("--name", default="studio_soak")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    rng = random.Random(args.seed)
+    load_before = os.getloadavg()
+    env = dict(item.split("=", 1) for item in args.env)
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, \
+            studio_process(Path(tmp) / "runs", Path(tmp) / "streamlit.log", env) as (base, proc), \
+            sync_playwright() as p:
+        sampler = Sampler(proc.pid).start()
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        watch = PageWatch()
+        watch.attach(page)
+        sampler.phase = "cold: first What-if result"
+        page.goto(f"{base}/whatif")
+        first = settled(page)
+        before = rest(sampler, "rest before")
+        singles = []
+        for method, ratio, granularity in [("magnitude", 0.05, "kv_group"), ("flap", 0.8, "block")]:
+            singles.append({"setting": f"{method} {ratio:.2f} {granularity}",
+                            "peak_gib": one_prune(page, sampler, method, ratio, granularity) / GIB})
+        steady = max(s["peak_gib"] for s in singles) * GIB
+        before_soak = rest(sampler, "rest before soak")
+        soak_start = sampler.now()
+        during_runs = args.changes // 10  # changes made while each run goes
+        rest_changes = args.changes - 2 * during_runs
+        blocks = [rest_changes // 3, rest_changes // 3, rest_changes - 2 * (rest_changes // 3)]
+        runs, changes = [], []
+        for n in range(3):
+            sampler.phase = f"soak changes {n + 1}"
+            page.goto(f"{base}/whatif")
+            page.get_by_label("Metric", exact=True).wait_for(timeout=LONG_MS)
+            wait_for_app_idle(page, timeout=LONG_MS / 1000)
+            changes += rapid_changes(page, rng, blocks[n], args.gap)
+            if n < 2:
+                run = pg_run(page, base, sampler, rng, n + 1, during_runs, args.gap)
+                changes += run["whatif_changes"]
+                runs.append(run)
+        sampler.phase = "soak: last result"
+        last = settled(page)
+        soak_peak = max(sampler.since(soak_start))
+        after = rest(sampler, "rest after")
+        sampler.stop()
+        browser.close()
+        log = (Path(tmp) / "streamlit.log").read_text(errors="replace")
+    wall = time.monotonic() - t_start
+    computed = len(re.findall(r"^whatif: computed", log, re.M))
+    phases = {}
+    for _, phase, rss in sampler.samples:
+        phases[phase] = max(phases.get(phase, 0), rss)
+    result = {
+        "rss_before_gib": before / GIB, "rss_before_soak_gib": before_soak / GIB, "rss_after_gib": after / GIB,
+        "one_whatif_prune_peak_gib": steady / GIB, "single_prunes": singles, "soak_peak_gib": soak_peak / GIB,
+        "overall_peak_gib": max(r for _, _, r in sampler.samples) / GIB,
+        "peak_over_one_prune": soak_peak / steady, "after_over_before": after / before_soak,
+        "target_peak_met": soak_peak <= 1.5 * steady, "target_after_met": abs(after / before_soak - 1) <= 0.10,
+        "whatif_changes": len(changes), "whatif_computations": computed, "pg_runs": runs,
+        "first_result": first, "last_result": last, "wall_s": wall, "server_env": env,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "peak_by_phase_gib": {k: v / GIB for k, v in phases.items()},
+        "samples": [(round(t, 2), phase, round(r / GIB, 4)) for t, phase, r in sampler.samples],
+    }
+    rows = [{"measurement": "RSS at rest after the first What-if result", "GiB": before / GIB},
+            *({"measurement": f"peak of one What-if prune alone: {s['setting']}", "GiB": s["peak_gib"]}
+              for s in singles),
+            {"measurement": "steady state of one What-if prune (the larger of the above)", "GiB": steady / GIB},
+            {"measurement": "RSS at rest before the soak", "GiB": before_soak / GIB},
+            {"measurement": f"peak during the soak ({len(changes)} What-if changes, 2 PG runs)",
+             "GiB": soak_peak / GIB},
+            {"measurement": "RSS at rest after the soak", "GiB": after / GIB}]
+    md = (f"### Studio under load (headless Chromium, studio on localhost{', ' + str(env) if env else ''})\n\n"
+          + markdown_table(rows, ["measurement", "GiB"], {"GiB": "{:.3f}"})
+          + f"\n\n- peak / one prune: **{soak_peak / steady:.2f}x** (target <= 1.5x: "
+          f"{'met' if result['target_peak_met'] else 'MISSED'})\n"
+          f"- after / before: **{after / before_soak:.3f}** (target within 10%: "
+          f"{'met' if result['target_after_met'] else 'MISSED'})\n"
+          f"- {len(changes)} What-if changes {args.gap:.2f} s apart made {computed} computations (a newer change "
+          "replaces queued ones; one computation at a time)\n"
+          + "".join(f"- PG run {i + 1} `{r['run']}`: form after a refresh shows the run's settings: "
+                    f"{r['form_shows_run_settings']} ({ {k: r['form_after_refresh'][k] for k in r['form_expected']} }); "
+                    f"What-if while it ran: \"{r['whatif_while_running'].strip()}\"\n" for i, r in enumerate(runs))
+          + f"- wall time {wall:.0f} s; load average of this shared machine {load_before[0]:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after\n\nRSS is the server's (`streamlit run app.py`) and its children's, sampled "
+            f"every {SAMPLE_S} s (psutil). Before and after are medians over {REST_S:.0f} s at rest. The steady "
+            "state of one What-if prune is the larger peak of a single computation (prune, then perplexity on "
+            "16 validation windows) at the two ends of the soak's range.")
+    write_results(args.name, result, md)
+    print(md)
+    watch.assert_clean()
+
+
+if __name__ == "__main__":
+    main()
