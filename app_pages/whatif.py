@@ -82,7 +82,8 @@ def show_result() -> None:
     if base and "error" in base:
         st.error(base["error"])
     with st.container(key="whatif_layers"):
-        st.plotly_chart(layers_figure(result["per_layer"], f"Per-layer kept fraction ({method}, ratio {ratio:.2f})"),
+        st.plotly_chart(layers_figure(result["per_layer"],
+                                      f"Per-layer kept fraction ({method}, ratio {ratio:.2f}, {granularity})"),
                         width="stretch")
 
 

@@ -121,14 +121,17 @@ def pick(page, label: str, option: str) -> None:
 
 
 def settled(page, timeout_s: float = LONG_MS / 1000) -> str:
-    """Wait until the What-if page shows the result of its current setting and nothing is queued;
-    return the chart's title (which names the method and ratio)."""
+    """Wait until the What-if page shows the result of the setting its widgets show, with nothing
+    left to compute; return the chart's title (method, ratio, granularity)."""
     from playwright.sync_api import expect
 
     wait_for_app_idle(page, timeout=timeout_s)
-    expect(page.locator(".st-key-whatif_working")).to_have_count(0, timeout=timeout_s * 1000)
-    chart = page.locator(".st-key-whatif_layers .gtitle").first
+    method = page.get_by_label("Metric", exact=True).input_value()
+    granularity = page.get_by_label("Granularity", exact=True).input_value()
+    wanted = f"({method}, ratio {current_ratio(page):.2f}, {granularity})"
+    chart = page.locator(".st-key-whatif_layers .gtitle").filter(has_text=wanted).first
     chart.wait_for(timeout=timeout_s * 1000)
+    expect(page.locator(".st-key-whatif_working")).to_have_count(0, timeout=timeout_s * 1000)
     wait_for_app_idle(page, timeout=timeout_s)
     return chart.text_content()
 
@@ -139,7 +142,7 @@ def one_prune(page, sampler: Sampler, method: str, ratio: float, granularity: st
     t = sampler.now()
     set_whatif(page, method, ratio, granularity)
     title = settled(page)
-    assert f"({method}, ratio {ratio:.2f})" in title, title
+    assert f"({method}, ratio {ratio:.2f}, {granularity})" in title, title
     return max(sampler.since(t))
 
 

@@ -179,6 +179,8 @@ def test_whatif_page_works_in_the_background_and_sweeps():
     assert float(metrics["Achieved ratio"]) == pytest.approx(0.3, abs=0.02)
     assert float(metrics["Perplexity"]) > float(metrics["Dense perplexity"])
     assert manager.whatif.computed == 2  # magnitude and the dense model: the superseded flap never ran
+    # the chart names the setting it shows (the soak bench waits for this title)
+    assert "(magnitude, ratio 0.30, kv_group)" in at.get("plotly_chart")[0].proto.spec
     by_label(at.multiselect, "Methods").set_value(["magnitude"])
     by_label(at.multiselect, "Ratios").set_value([0.2, 0.4])
     by_label(at.button, "Run sweep").click().run()
