@@ -125,6 +125,7 @@ def settled(page, timeout_s: float = LONG_MS / 1000) -> str:
     left to compute; return the chart's title (method, ratio, granularity)."""
     from playwright.sync_api import expect
 
+    page.get_by_label("Metric", exact=True).wait_for(timeout=timeout_s * 1000)  # a cold page loads the model first
     wait_for_app_idle(page, timeout=timeout_s)
     method = page.get_by_label("Metric", exact=True).input_value()
     granularity = page.get_by_label("Granularity", exact=True).input_value()
