@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import POLL_SECONDS, choices, current_model, layers_figure, studio
+from pruner.space import GRANULARITIES
 from pruner.whatif import CALIB_WINDOWS, EVAL_SEQLEN, EVAL_WINDOWS, WhatIf, describe_state
 
 st.title("What-if")
@@ -20,14 +21,14 @@ c = choices()
 loaded = current_model()
 manager = studio()
 queue = manager.whatif
-METRIC_METHODS = ["flap", "wanda-sp", "magnitude"]
-SWEEP_GRANULARITY = "kv_group"
+METRIC_METHODS = ["flap", "wanda-sp", "taylor", "magnitude"]
+SWEEP_GRANULARITY = "auto"
 model_key = (c["model_spec"], c["device"], c["dtype"])
 
 cols = st.columns([1, 3, 1])
 method = cols[0].selectbox("Metric", METRIC_METHODS)
 ratio = cols[1].slider("Ratio", 0.05, 0.8, 0.3, 0.05, help="Fraction of decoder-linear parameters removed")
-granularity = cols[2].selectbox("Granularity", ["kv_group", "query_head", "block"])
+granularity = cols[2].selectbox("Granularity", GRANULARITIES)
 current = WhatIf.pruning(*model_key, c["data"], method, ratio, granularity)
 dense = WhatIf.dense(*model_key, c["data"])
 result_box = st.container()

@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PruneConfig
-from .corpus import load_text
 from .errors import PrunerError
 from .evaluate import perplexity
 from .models import REPORT_FILE, LoadedModel, load_model
 from .prune import prune
-from .windows import eval_windows, tokenize
+from .windows import corpus_windows
 
 EVAL_SEQLEN, EVAL_WINDOWS, CALIB_WINDOWS = 128, 16, 32  # the windows a PG run evaluates on by default
 RESULTS_KEPT = 256  # results in the LRU: each a few kB (perplexity and a per-layer table)
@@ -242,7 +241,7 @@ class WhatIfQueue:
             found = self._windows.get(key)
         if found is None:
             seqlen, count = self._eval
-            found = eval_windows(tokenize(loaded.tokenizer, load_text(request.data, "validation")), seqlen, count)
+            found = corpus_windows(loaded.tokenizer, request.data, "validation", seqlen, count)
             with self._cond:
                 self._windows[key] = found
                 while len(self._windows) > WINDOWS_KEPT:

@@ -170,9 +170,9 @@ def test_whatif_page_works_in_the_background_and_sweeps():
     manager.whatif = WhatIfQueue(slot, eval_count=2)  # the page's queue, on 2 validation windows: quick
     at = page("app_pages/whatif.py")
     # the script run ends before any pruning: the page shows what is queued instead of a result
-    assert not at.metric and "next: flap at ratio 0.30 (kv_group)" in infos(at)
+    assert not at.metric and "next: flap at ratio 0.30 (auto)" in infos(at)
     by_label(at.selectbox, "Metric").set_value("magnitude").run()
-    assert not at.metric and "next: magnitude at ratio 0.30 (kv_group) and 1 more" in infos(at)
+    assert not at.metric and "next: magnitude at ratio 0.30 (auto) and 1 more" in infos(at)
     opened.set()
     run_until(at, lambda at: len(at.metric) == 4 and "..." not in at.metric[1].value)
     metrics = {m.label: m.value for m in at.metric}
@@ -180,12 +180,12 @@ def test_whatif_page_works_in_the_background_and_sweeps():
     assert float(metrics["Perplexity"]) > float(metrics["Dense perplexity"])
     assert manager.whatif.computed == 2  # magnitude and the dense model: the superseded flap never ran
     # the chart names the setting it shows (the soak bench waits for this title)
-    assert "(magnitude, ratio 0.30, kv_group)" in at.get("plotly_chart")[0].proto.spec
+    assert "(magnitude, ratio 0.30, auto)" in at.get("plotly_chart")[0].proto.spec
     by_label(at.multiselect, "Methods").set_value(["magnitude"])
     by_label(at.multiselect, "Ratios").set_value([0.2, 0.4])
     by_label(at.button, "Run sweep").click().run()
     assert not at.exception, at.exception
-    assert len(at.get("plotly_chart")) == 1 and "magnitude at ratio 0.20 (kv_group)" in infos(at)
+    assert len(at.get("plotly_chart")) == 1 and "magnitude at ratio 0.20 (auto)" in infos(at)
     run_until(at, lambda at: len(at.get("plotly_chart")) == 2)
     sweep = at.get("plotly_chart")[1].proto.spec.replace(" ", "")
     assert '"name":"magnitude"' in sweep and '"name":"dense"' in sweep

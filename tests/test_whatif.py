@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pruner.config import PruneConfig
-from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import perplexity
 from pruner.models import load_model
@@ -17,7 +16,7 @@ from pruner.pg.config import PGConfig
 from pruner.prune import prune
 from pruner.studio import Studio
 from pruner.whatif import MALLOC_TRIM, WhatIf, WhatIfQueue, describe_state, wait_for
-from pruner.windows import eval_windows, tokenize
+from pruner.windows import corpus_windows
 
 LONG_PG = PGConfig(steps=10_000, samples=2, batch_size=1, seqlen=16, init="const", eval_every=1000,
                    eval_windows=1, snapshot_every=1000, checkpoint_every=1000)
@@ -161,7 +160,7 @@ def test_the_queue_measures_what_prune_and_perplexity_give(embedded):
     queue = WhatIfQueue(eval_count=2)
     pruning, dense = request("magnitude", 0.4), WhatIf.dense("embedded", "cpu", "fp32", "brown")
     got, base = wait_for(queue, [pruning, dense], embedded)
-    windows = eval_windows(tokenize(embedded.tokenizer, load_text("brown", "validation")), 128, 2)
+    windows = corpus_windows(embedded.tokenizer, "brown", "validation", 128, 2)
     pruned, _, report = prune(embedded, PruneConfig(method="magnitude", ratio=0.4, calib_windows=32))
     assert got["ppl"] == perplexity(pruned, windows)["ppl"]
     assert base["ppl"] == perplexity(embedded.model, windows)["ppl"] < got["ppl"]

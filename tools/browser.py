@@ -106,6 +106,11 @@ def set_number(page, label: str, value) -> None:
     from playwright.sync_api import expect
 
     field = page.get_by_label(label, exact=True)
+    field.wait_for(state="attached")
+    folded = field.locator("xpath=ancestor::details[1]")  # inside an st.expander: open it first
+    if folded.count() and folded.get_attribute("open") is None:
+        folded.locator("xpath=./summary").click()
+    expect(field).to_be_visible()
     field.fill(str(value))
     field.press("Enter")
     expect(field).to_have_value(str(value))
