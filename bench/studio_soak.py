@@ -15,11 +15,13 @@ Measured:
   settings, not the defaults) and watched to their end, with What-if changes made while each runs;
 - after: the server at rest once the last change has its result.
 Targets (issue "The studio under load"): peak <= 1.5 x one What-if prune; after within 10% of before.
+With --max-minutes, the soak stops there and writes what it measured so far, marked incomplete.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -94,6 +96,16 @@ class Sampler:
         return max(r for _, p, r in self.samples if p.startswith(phase_prefix))
 
 
+DEADLINE: list[float] = []  # time.monotonic() at which --max-minutes ends, if set
+
+
+def long_ms() -> float:
+    """The timeout of a long wait in ms: LONG_MS, or less where --max-minutes ends sooner."""
+    if not DEADLINE:
+        return LONG_MS
+    return max(1.0, min(LONG_MS, (DEADLINE[0] - time.monotonic()) * 1000))
+
+
 def rest(sampler: Sampler, phase: str) -> int:
     """Median RSS over REST_S seconds with nothing going on."""
     sampler.phase = phase
@@ -120,11 +132,12 @@ def pick(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def settled(page, timeout_s: float = LONG_MS / 1000) -> str:
+def settled(page, timeout_s: float | None = None) -> str:
     """Wait until the What-if page shows the result of the setting its widgets show, with nothing
     left to compute; return the chart's title (method, ratio, granularity)."""
     from playwright.sync_api import expect
 
+    timeout_s = long_ms() / 1000 if timeout_s is None else timeout_s
     page.get_by_label("Metric", exact=True).wait_for(timeout=timeout_s * 1000)  # a cold page loads the model first
     wait_for_app_idle(page, timeout=timeout_s)
     method = page.get_by_label("Metric", exact=True).input_value()
@@ -190,7 +203,7 @@ def rapid_changes(page, rng: random.Random, count: int, gap_s: float) -> list[st
 def start_pg(page, base: str, ratio_presses: int) -> str:
     """Start a short PG run with non-default settings; return its id."""
     page.goto(f"{base}/prune")
-    page.get_by_role("button", name="Start", exact=True).wait_for(timeout=LONG_MS)
+    page.get_by_role("button", name="Start", exact=True).wait_for(timeout=long_ms())
     wait_for_app_idle(page)
     for label, value in PG_SETTINGS.items():
         set_number(page, label, value)
@@ -204,11 +217,11 @@ def start_pg(page, base: str, ratio_presses: int) -> str:
         thumb.press("ArrowRight")
         wait_for_app_idle(page)
     page.get_by_role("button", name="Start", exact=True).click()
-    page.wait_for_url(re.compile(r"[?&]run=[^&]+"), timeout=LONG_MS)
+    page.wait_for_url(re.compile(r"[?&]run=[^&]+"), timeout=long_ms())
     run_id = re.search(r"[?&]run=([^&]+)", page.url).group(1)
     # refresh while it runs (or, should its few steps be over already, once it has ended)
     page.locator(".st-key-run_status").filter(has_text=re.compile("running|finished|failed")).first.wait_for(
-        timeout=LONG_MS)
+        timeout=long_ms())
     return run_id
 
 
@@ -217,20 +230,21 @@ def form_after_refresh(page, run_id: str) -> dict:
     from playwright.sync_api import expect
 
     page.reload()
-    expect(page.locator(".st-key-run_status")).to_contain_text(run_id, timeout=LONG_MS)
-    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    # the whole page: while a fragment rerun hands over to a full one, two status lines show for a moment
+    expect(page.locator('[data-testid="stMain"]')).to_contain_text(run_id, timeout=long_ms())
+    wait_for_app_idle(page, timeout=long_ms() / 1000)
     shown = {label: page.get_by_label(label, exact=True).input_value() for label in [*PG_SETTINGS, *PG_CHOICES]}
     shown |= {label: page.get_by_role("checkbox", name=label, exact=True).is_checked() for label in PG_TOGGLES}
     shown["Pruning ratio"] = ratio_thumb(page, "Pruning ratio").input_value()
-    shown["status"] = page.locator(".st-key-run_status").inner_text().strip().splitlines()[0]
+    shown["status"] = page.locator(".st-key-run_status").last.inner_text().strip().splitlines()[0]
     return shown
 
 
 def wait_run_ended(page, base: str, run_id: str) -> str:
     page.goto(f"{base}/prune?run={run_id}")
     ended = page.locator(".st-key-run_status").filter(has_text=re.compile("finished|stopped|failed")).first
-    ended.wait_for(timeout=LONG_MS)
-    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    ended.wait_for(timeout=long_ms())
+    wait_for_app_idle(page, timeout=long_ms() / 1000)
     return ended.inner_text().strip().splitlines()[0]
 
 
@@ -243,11 +257,11 @@ def pg_run(page, base: str, sampler: Sampler, rng: random.Random, n: int, change
     shown_ok = all(form[k] == v if isinstance(v, (str, bool)) else abs(float(form[k]) - v) < 1e-9
                    for k, v in expected.items())
     page.goto(f"{base}/whatif")
-    page.get_by_label("Metric", exact=True).wait_for(timeout=LONG_MS)
-    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    page.get_by_label("Metric", exact=True).wait_for(timeout=long_ms())
+    wait_for_app_idle(page, timeout=long_ms() / 1000)
     sampler.phase = f"pg run {n} + whatif changes"
     done = rapid_changes(page, rng, changes, gap_s)
-    wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    wait_for_app_idle(page, timeout=long_ms() / 1000)
     working = page.locator(".st-key-whatif_working")
     waiting_text = working.first.inner_text() if working.count() else ""
     sampler.phase = f"pg run {n}"
@@ -262,6 +276,8 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=0.15, help="seconds between two What-if changes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (e.g. MALLOC_ARENA_MAX=2)")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="stop after this long and write what was measured so far, marked incomplete (0: no limit)")
     ap.add_argument("--name", default="studio_soak")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
@@ -270,6 +286,10 @@ def main() -> None:
     load_before = os.getloadavg()
     env = dict(item.split("=", 1) for item in args.env)
     t_start = time.monotonic()
+    m: dict = {"singles": [], "runs": [], "changes": []}  # filled as the soak goes
+    stopped_in = None
+    if args.max_minutes > 0:
+        DEADLINE.append(t_start + args.max_minutes * 60)
     with tempfile.TemporaryDirectory() as tmp, \
             studio_process(Path(tmp) / "runs", Path(tmp) / "streamlit.log", env) as (base, proc), \
             sync_playwright() as p:
@@ -278,74 +298,108 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         watch = PageWatch()
         watch.attach(page)
-        sampler.phase = "cold: first What-if result"
-        page.goto(f"{base}/whatif")
-        first = settled(page)
-        before = rest(sampler, "rest before")
-        singles = []
-        for method, ratio, granularity in [("magnitude", 0.05, "kv_group"), ("flap", 0.8, "block")]:
-            singles.append({"setting": f"{method} {ratio:.2f} {granularity}",
-                            "peak_gib": one_prune(page, sampler, method, ratio, granularity) / GIB})
-        steady = max(s["peak_gib"] for s in singles) * GIB
-        before_soak = rest(sampler, "rest before soak")
-        soak_start = sampler.now()
-        during_runs = args.changes // 10  # changes made while each run goes
-        rest_changes = args.changes - 2 * during_runs
-        blocks = [rest_changes // 3, rest_changes // 3, rest_changes - 2 * (rest_changes // 3)]
-        runs, changes = [], []
-        for n in range(3):
-            sampler.phase = f"soak changes {n + 1}"
-            page.goto(f"{base}/whatif")
-            page.get_by_label("Metric", exact=True).wait_for(timeout=LONG_MS)
-            wait_for_app_idle(page, timeout=LONG_MS / 1000)
-            changes += rapid_changes(page, rng, blocks[n], args.gap)
-            if n < 2:
-                run = pg_run(page, base, sampler, rng, n + 1, during_runs, args.gap)
-                changes += run["whatif_changes"]
-                runs.append(run)
-        sampler.phase = "soak: last result"
-        last = settled(page)
-        soak_peak = max(sampler.since(soak_start))
-        after = rest(sampler, "rest after")
-        sampler.stop()
-        browser.close()
+        try:
+            measure(page, base, sampler, rng, args, m)
+        except Exception:  # a wait cut short by --max-minutes (playwright's timeout, expect's assertion)
+            if not DEADLINE or time.monotonic() < DEADLINE[0]:
+                raise
+            stopped_in = sampler.phase
+        finally:
+            sampler.stop()
+        with contextlib.suppress(Exception):
+            browser.close()
         log = (Path(tmp) / "streamlit.log").read_text(errors="replace")
     wall = time.monotonic() - t_start
-    computed = len(re.findall(r"^whatif: computed", log, re.M))
+    write(args, m, sampler, log, env, load_before, wall, stopped_in)
+    if stopped_in is None:
+        watch.assert_clean()
+
+
+def measure(page, base: str, sampler: Sampler, rng: random.Random, args, m: dict) -> None:
+    """The soak's phases, each measurement stored in `m` as soon as it is made."""
+    sampler.phase = "cold: first What-if result"
+    page.goto(f"{base}/whatif")
+    m["first"] = settled(page)
+    m["before"] = rest(sampler, "rest before")
+    for method, ratio, granularity in [("magnitude", 0.05, "kv_group"), ("flap", 0.8, "block")]:
+        m["singles"].append({"setting": f"{method} {ratio:.2f} {granularity}",
+                             "peak_gib": one_prune(page, sampler, method, ratio, granularity) / GIB})
+    m["steady"] = max(s["peak_gib"] for s in m["singles"]) * GIB
+    m["before_soak"] = rest(sampler, "rest before soak")
+    m["soak_start"] = sampler.now()
+    during_runs = args.changes // 10  # changes made while each run goes
+    rest_changes = args.changes - 2 * during_runs
+    blocks = [rest_changes // 3, rest_changes // 3, rest_changes - 2 * (rest_changes // 3)]
+    for n in range(3):
+        sampler.phase = f"soak changes {n + 1}"
+        page.goto(f"{base}/whatif")
+        page.get_by_label("Metric", exact=True).wait_for(timeout=long_ms())
+        wait_for_app_idle(page, timeout=long_ms() / 1000)
+        m["changes"] += rapid_changes(page, rng, blocks[n], args.gap)
+        if n < 2:
+            run = pg_run(page, base, sampler, rng, n + 1, during_runs, args.gap)
+            m["changes"] += run["whatif_changes"]
+            m["runs"].append(run)
+    sampler.phase = "soak: last result"
+    m["last"] = settled(page)
+    m["soak_peak"] = max(sampler.since(m["soak_start"]))
+    m["after"] = rest(sampler, "rest after")
+
+
+def write(args, m: dict, sampler: Sampler, log: str, env: dict, load_before, wall: float, stopped_in) -> None:
+    """JSON + Markdown of what was measured (all of it, or up to the phase --max-minutes stopped)."""
+    gib = lambda key: m[key] / GIB if key in m else None  # noqa: E731
+    computed = len(re.findall(r"^whatif: computed.*$", log, re.M))
     phases = {}
     for _, phase, rss in sampler.samples:
         phases[phase] = max(phases.get(phase, 0), rss)
+    complete = stopped_in is None
+    changes, runs, singles = m["changes"], m["runs"], m["singles"]
+    if "soak_start" in m and "soak_peak" not in m:  # stopped during the soak: its peak so far
+        m["soak_peak"] = max(sampler.since(m["soak_start"]), default=0)
+    peak_ratio = m["soak_peak"] / m["steady"] if "soak_peak" in m else None
+    after_ratio = m["after"] / m["before_soak"] if "after" in m else None
     result = {
-        "rss_before_gib": before / GIB, "rss_before_soak_gib": before_soak / GIB, "rss_after_gib": after / GIB,
-        "one_whatif_prune_peak_gib": steady / GIB, "single_prunes": singles, "soak_peak_gib": soak_peak / GIB,
-        "overall_peak_gib": max(r for _, _, r in sampler.samples) / GIB,
-        "peak_over_one_prune": soak_peak / steady, "after_over_before": after / before_soak,
-        "target_peak_met": soak_peak <= 1.5 * steady, "target_after_met": abs(after / before_soak - 1) <= 0.10,
-        "whatif_changes": len(changes), "whatif_computations": computed, "pg_runs": runs,
-        "first_result": first, "last_result": last, "wall_s": wall, "server_env": env,
+        "complete": complete, "stopped_in_phase": stopped_in, "max_minutes": args.max_minutes,
+        "rss_before_gib": gib("before"), "rss_before_soak_gib": gib("before_soak"), "rss_after_gib": gib("after"),
+        "one_whatif_prune_peak_gib": gib("steady"), "single_prunes": singles, "soak_peak_gib": gib("soak_peak"),
+        "overall_peak_gib": max((r for _, _, r in sampler.samples), default=0) / GIB,
+        "peak_over_one_prune": peak_ratio, "after_over_before": after_ratio,
+        "target_peak_met": peak_ratio <= 1.5 if complete else None,
+        "target_after_met": abs(after_ratio - 1) <= 0.10 if complete else None,
+        "whatif_changes": len(changes), "whatif_computations": computed,
+        "whatif_computation_log": re.findall(r"^whatif: computed.*$", log, re.M), "pg_runs": runs,
+        "first_result": m.get("first"), "last_result": m.get("last"), "wall_s": wall, "server_env": env,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "peak_by_phase_gib": {k: v / GIB for k, v in phases.items()},
         "samples": [(round(t, 2), phase, round(r / GIB, 4)) for t, phase, r in sampler.samples],
     }
-    rows = [{"measurement": "RSS at rest after the first What-if result", "GiB": before / GIB},
-            *({"measurement": f"peak of one What-if prune alone: {s['setting']}", "GiB": s["peak_gib"]}
-              for s in singles),
-            {"measurement": "steady state of one What-if prune (the larger of the above)", "GiB": steady / GIB},
-            {"measurement": "RSS at rest before the soak", "GiB": before_soak / GIB},
-            {"measurement": f"peak during the soak ({len(changes)} What-if changes, 2 PG runs)",
-             "GiB": soak_peak / GIB},
-            {"measurement": "RSS at rest after the soak", "GiB": after / GIB}]
-    md = (f"### Studio under load (headless Chromium, studio on localhost{', ' + str(env) if env else ''})\n\n"
-          + markdown_table(rows, ["measurement", "GiB"], {"GiB": "{:.3f}"})
-          + f"\n\n- peak / one prune: **{soak_peak / steady:.2f}x** (target <= 1.5x: "
-          f"{'met' if result['target_peak_met'] else 'MISSED'})\n"
-          f"- after / before: **{after / before_soak:.3f}** (target within 10%: "
-          f"{'met' if result['target_after_met'] else 'MISSED'})\n"
-          f"- {len(changes)} What-if changes {args.gap:.2f} s apart made {computed} computations (a newer change "
+    measured = [("RSS at rest after the first What-if result", "before"),
+                *((f"peak of one What-if prune alone: {s['setting']}", s["peak_gib"] * GIB) for s in singles),
+                ("steady state of one What-if prune (the larger of the above)", "steady"),
+                ("RSS at rest before the soak", "before_soak"),
+                (f"peak during the soak ({len(changes)} What-if changes, {len(runs)} PG runs)"
+                 + ("" if complete else ", so far"), "soak_peak"),
+                ("RSS at rest after the soak", "after")]
+    rows = [{"measurement": label, "GiB": (value / GIB) if not isinstance(value, str) else gib(value)}
+            for label, value in measured if not isinstance(value, str) or value in m]
+    rows += [{"measurement": f"peak in phase: {phase}", "GiB": v / GIB} for phase, v in phases.items()] \
+        if not complete else []
+    head = f"### Studio under load (headless Chromium, studio on localhost{', ' + str(env) if env else ''})\n\n"
+    if not complete:
+        head += (f"**Incomplete: stopped by --max-minutes {args.max_minutes:g} in the phase \"{stopped_in}\"; "
+                 "the targets are not judged.**\n\n")
+    md = (head + markdown_table(rows, ["measurement", "GiB"], {"GiB": "{:.3f}"}) + "\n\n"
+          + (f"- peak / one prune: **{peak_ratio:.2f}x** (target <= 1.5x: "
+             f"{'met' if result['target_peak_met'] else 'MISSED'})\n" if complete else "")
+          + (f"- after / before: **{after_ratio:.3f}** (target within 10%: "
+             f"{'met' if result['target_after_met'] else 'MISSED'})\n" if complete else "")
+          + f"- {len(changes)} What-if changes {args.gap:.2f} s apart made {computed} computations (a newer change "
           "replaces queued ones; one computation at a time)\n"
           + "".join(f"- PG run {i + 1} `{r['run']}`: form after a refresh shows the run's settings: "
                     f"{r['form_shows_run_settings']} ({ {k: r['form_after_refresh'][k] for k in r['form_expected']} }); "
                     f"What-if while it ran: \"{r['whatif_while_running'].strip()}\"\n" for i, r in enumerate(runs))
+          + "".join(f"- {line}\n" for line in result["whatif_computation_log"])
           + f"- wall time {wall:.0f} s; load average of this shared machine {load_before[0]:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after\n\nRSS is the server's (`streamlit run app.py`) and its children's, sampled "
             f"every {SAMPLE_S} s (psutil). Before and after are medians over {REST_S:.0f} s at rest. The steady "
@@ -353,7 +407,6 @@ def main() -> None:
             "16 validation windows) at the two ends of the soak's range.")
     write_results(args.name, result, md)
     print(md)
-    watch.assert_clean()
 
 
 if __name__ == "__main__":
