@@ -130,7 +130,8 @@ if run_id is None:
 def _current_layers(job_id: str, step: int, status: str):
     """Per-layer kept fractions of a live run's hard mask, once per (run, step) for every session."""
     job = manager.get(job_id)
-    return per_layer_report(job.pg.space, job.pg.current_mask()) if job is not None and job.pg is not None else None
+    pg = job.pg if job is not None else None  # read once: an ending job lets go of its search
+    return per_layer_report(pg.space, pg.current_mask()) if pg is not None else None
 
 
 def run_state() -> dict:
@@ -139,7 +140,7 @@ def run_state() -> dict:
     if job is not None:
         info = job.info()
         history = job.history()
-        current = _current_layers(run_id, info["step"], info["status"]) if job.pg is not None else None
+        current = _current_layers(run_id, info["step"], info["status"])
         return {"info": info, "history": history, "per_layer": current, "report": job.report, "live": job.is_alive}
     run_dir = manager.folder(run_id)
     if not run_dir.is_dir():
