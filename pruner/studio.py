@@ -6,6 +6,9 @@ A run directory (under `paths.runs_dir()`) holds
     model/          the pruned model and its report.json, written when a run finishes or stops
 Jobs work on a private copy of the model: the cached model that pages read is never hooked or
 modified. Nothing here touches Streamlit; pages only read a job's state.
+
+A `ProbeJob` (the Probe page) runs a few batches of Probe Pruning next to the dense forward; it
+takes the same one-heavy-job slot but keeps its results in memory (no run folder).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .paths import runs_dir
 from .pg.checkpoint import has_checkpoint, load_checkpoint, read_settings
 from .pg.history import RunHistory
 from .pg.run import PGRun
+from .probe import ProbeConfig, build_pruner, evaluate_dynamic
 from .prune import apply, prune, report
 from .run_record import LIVE, RunRecord, read_record
 from .space import PruningSpace
@@ -169,12 +173,89 @@ class Job:
                           has_model=(self.dir / MODEL_SUBDIR / REPORT_FILE).is_file())
 
 
+class ProbeJob:
+    """A few batches of Probe Pruning, each timed against the dense forward, in a background thread.
+
+    Validation windows of `seqlen` tokens of the config's corpus, `batches` batches of `batch_size`.
+    `state()` is what the Probe page draws: per batch the kept heads and channels (0/1 matrices,
+    layers x units), the two wall times, the probe's analytic FLOPs share and the NLLs.
+    """
+
+    def __init__(self, job_id: str, loaded: LoadedModel, config: ProbeConfig, batches: int, batch_size: int,
+                 seqlen: int):
+        if min(batches, batch_size) < 1 or seqlen < 2:
+            raise PrunerError("a probe run needs at least one batch of one window of at least 2 tokens")
+        self.id, self.loaded, self.config = job_id, loaded, config.validate()
+        self.batches, self.batch_size, self.seqlen = batches, batch_size, seqlen
+        self._status, self.error = "created", None
+        self._results: list[dict] = []
+        self.rows: list[dict] | None = None
+        self._stop_asked = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def is_alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
+
+    def progress(self) -> tuple[int, int]:
+        return len(self._results), self.batches
+
+    def state(self) -> dict:
+        return {"id": self.id, "status": self._status, "error": self.error, "done": len(self._results),
+                "total": self.batches, "batches": list(self._results), "rows": self.rows,
+                "config": dataclasses.asdict(self.config), "batch_size": self.batch_size, "seqlen": self.seqlen}
+
+    def start(self) -> None:
+        self._status = "loading"
+        self._thread = threading.Thread(target=self._work, name=f"probe-{self.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop_asked = True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _work(self) -> None:
+        from .corpus import load_text
+        from .windows import eval_windows, tokenize
+
+        try:
+            text = load_text(self.config.data, "validation")
+            windows = eval_windows(tokenize(self.loaded.tokenizer, text), self.seqlen, self.batches * self.batch_size)
+            pruner = build_pruner(self.loaded, self.config, self.seqlen)
+            self._status = "running"
+
+            def on_batch(index: int, entry: dict) -> None:
+                heads, channels = pruner.keep_masks(pruner.records[-1])
+                probe = entry["probe"]
+                self._results.append({"batch": index, "dense_s": entry["dense"]["seconds"],
+                                      "probe_s": probe["seconds"], "dense_nll": entry["dense"]["nll"],
+                                      "probe_nll": probe["nll"], "probe_flops_share": probe["flops"]["probe_share"],
+                                      "flops_ratio": probe["flops"]["flops_ratio"],
+                                      "achieved_ratio": probe["achieved_ratio"], "heads": heads, "channels": channels})
+
+            result = evaluate_dynamic(self.loaded, windows, self.batch_size, {"probe": pruner}, on_batch=on_batch,
+                                      should_stop=lambda: self._stop_asked)
+            self.rows = result["rows"]
+            ended = "stopped" if self._stop_asked and len(self._results) < self.batches else "finished"
+        except Exception as exc:  # noqa: BLE001 - the page shows why
+            ended = "failed"
+            self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
+        self._status = ended  # last: a page that sees a final status finds every result in place
+
+
 class Studio:
     """Every run of this process plus those on disk; at most one heavy job at a time."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else runs_dir()
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job | ProbeJob] = {}
         self._lock = threading.Lock()
 
     def folder(self, run_id: str) -> Path:
@@ -202,9 +283,27 @@ class Studio:
         job.start()
         return job
 
+    def start_probe(self, loaded: LoadedModel, config: ProbeConfig, batches: int, batch_size: int,
+                    seqlen: int) -> ProbeJob:
+        """Start a Probe Pruning job on a private copy of `loaded` (it hooks and slices its model)."""
+        self._refuse_if_busy()
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-probe-r{round(config.ratio * 100):02d}-{uuid.uuid4().hex[:4]}"
+        job = ProbeJob(job_id, loaded, config, batches, batch_size, seqlen)  # checks the settings first
+        job.loaded = private_copy(loaded)
+        with self._lock:
+            self.jobs[job_id] = job
+        job.start()
+        return job
+
     def get(self, run_id: str) -> Job | None:
         with self._lock:
-            return self.jobs.get(run_id)
+            job = self.jobs.get(run_id)
+        return job if isinstance(job, Job) else None
+
+    def get_probe(self, job_id: str) -> ProbeJob | None:
+        with self._lock:
+            job = self.jobs.get(job_id)
+        return job if isinstance(job, ProbeJob) else None
 
     def resume(self, run_id: str, load) -> Job:
         """Continue a stopped or interrupted policy-gradient run from its checkpoint.
