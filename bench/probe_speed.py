@@ -51,7 +51,8 @@ def same_structure(loaded: LoadedModel, pruner: ProbePruner):
         s = pruner.shapes[l]
         heads = torch.arange(pm.keep_count(s.n_q, pruner.layer_ratio), device=loaded.device)
         loaded.adapter.slice_query_heads(clone, l, heads)
-        loaded.adapter.slice_mlp(clone, l, torch.arange(pm.keep_count(s.d_ff, pruner.layer_ratio), device=loaded.device))
+        channels = pm.keep_count(s.d_ff, pruner.layer_ratio, pruner.config.mlp_multiple)
+        loaded.adapter.slice_mlp(clone, l, torch.arange(channels, device=loaded.device))
     return clone
 
 

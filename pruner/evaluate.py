@@ -118,12 +118,14 @@ def side_by_side(forwards: dict, windows: Tensor, batch_size: int, device: torch
     `windows` (W, T), every forward f(ids) -> logits (B, T, V) runs in turn, timed alone (the
     device synchronised around it), so the load of a shared machine falls on all of them alike.
 
-    Returns per name: ppl = exp(mean token NLL), nll, seconds (sum of the timed forwards),
-    windows, tokens, batches. on_batch(index, {name: {"seconds", "nll"}}) after each batch;
-    should_stop() is asked before each batch.
+    Returns per name: ppl = exp(mean token NLL), nll, seconds (wall time, summed over the timed
+    forwards), cpu_seconds (this process's CPU time over the same forwards: on a CPU shared with
+    other work it measures the forward's own effort where the wall time also counts waiting;
+    meaningless for GPU forwards), windows, tokens, batches. on_batch(index, {name: {"seconds",
+    "cpu_seconds", "nll"}}) after each batch; should_stop() is asked before each batch.
     """
     device = torch.device(device)
-    totals = {name: {"nll_sum": 0.0, "seconds": 0.0} for name in forwards}
+    totals = {name: {"nll_sum": 0.0, "seconds": 0.0, "cpu_seconds": 0.0} for name in forwards}
     windows_done = 0
     starts = range(0, len(windows), batch_size)
     for index, start in enumerate(tqdm(starts, desc="batches", disable=not progress, leave=False)):
@@ -133,15 +135,17 @@ def side_by_side(forwards: dict, windows: Tensor, batch_size: int, device: torch
         entry = {}
         for name, forward in forwards.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = forward(ids)
             _sync(device)
-            seconds = time.perf_counter() - t0
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             nll = token_nll(logits, ids).double().sum().item()
             del logits
             totals[name]["nll_sum"] += nll
             totals[name]["seconds"] += seconds
-            entry[name] = {"seconds": seconds, "nll": nll / (ids.shape[0] * (ids.shape[1] - 1))}
+            totals[name]["cpu_seconds"] += cpu_seconds
+            entry[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds,
+                           "nll": nll / (ids.shape[0] * (ids.shape[1] - 1))}
         windows_done += ids.shape[0]
         if on_batch is not None:
             on_batch(index, entry)
@@ -150,7 +154,7 @@ def side_by_side(forwards: dict, windows: Tensor, batch_size: int, device: torch
     for name, t in totals.items():
         nll = t["nll_sum"] / tokens if tokens else float("nan")
         out[name] = {"ppl": math.exp(nll) if tokens else float("nan"), "nll": nll, "seconds": t["seconds"],
-                     "windows": windows_done, "tokens": tokens, "batches": math.ceil(windows_done / batch_size)}
+                     "cpu_seconds": t["cpu_seconds"], "windows": windows_done, "tokens": tokens, "batches": math.ceil(windows_done / batch_size)}
     return out
 
 

@@ -27,7 +27,8 @@ def ids_of(b, t, seed=0, vocab=97):
 def setup(arch, variant="probe", device="cpu", history=True, **overrides):
     model = tiny_model(arch).to(device)
     adapter = adapter_for(model)
-    config = ProbeConfig(**{"ratio": RATIO, "variant": variant, "skip_layers": 1, "sample_fraction": 0.3} | overrides)
+    settings = {"ratio": RATIO, "variant": variant, "skip_layers": 1, "sample_fraction": 0.3, "mlp_multiple": 1}
+    config = ProbeConfig(**settings | overrides)
     hist = collect_history(model, adapter, ids_of(6, 32, seed=9), range(1, 3)) if history else None
     return model, adapter, ProbePruner(model, adapter, config, hist)
 
@@ -174,15 +175,16 @@ def test_ratios_are_met_exactly_per_layer_with_the_first_three_layers_dense():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     adapter = adapter_for(model)
-    for ratio in (0.2, 0.4):
-        pruner = ProbePruner(model, adapter, ProbeConfig(ratio=ratio))
+    for ratio, multiple in ((0.2, 1), (0.4, 1), (0.4, 8), (0.4, 32)):
+        pruner = ProbePruner(model, adapter, ProbeConfig(ratio=ratio, mlp_multiple=multiple))
         assert pruner.layer_ratio == pytest.approx(7 / 4 * ratio)
         pruner.forward(ids_of(5, 16))
         record = pruner.records[-1]
         assert sorted(record.heads) == sorted(record.channels) == [3, 4, 5, 6]
         for l in range(3, 7):
             assert record.heads[l].numel() == pm.keep_count(6, pruner.layer_ratio)
-            assert record.channels[l].numel() == pm.keep_count(40, pruner.layer_ratio)
+            assert record.channels[l].numel() == pm.keep_count(40, pruner.layer_ratio, multiple)
+            assert multiple == 1 or record.channels[l].numel() % multiple == 0 or record.channels[l].numel() == 40
             assert torch.equal(record.heads[l], record.heads[l].sort().values)
     with pytest.raises(PrunerError, match="unreachable"):
         ProbePruner(model, adapter, ProbeConfig(ratio=0.6))

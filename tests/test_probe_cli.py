@@ -46,7 +46,7 @@ def test_eval_dynamic_probe_next_to_dense_and_a_static_baseline(capsys, text_fil
     assert out["ppl"] == probe["ppl"] and out["windows"] == 2 and out["tokens"] == 2 * 31
     assert probe["ppl"] > rows["dense"]["ppl"] and rows["dense"]["time_ratio"] == 1.0
     assert probe["layer_ratio"] == pytest.approx(30 / 27 * 0.4)
-    assert 0.37 < probe["achieved_ratio"] < 0.4  # query heads only: k/v of the grouped attention stay
+    assert 0.35 < probe["achieved_ratio"] < 0.4  # query heads only: k/v of the grouped attention stay
     assert rows["wanda-sp"]["achieved_ratio"] == pytest.approx(0.4, abs=0.01)
     # the analytic probe share of one batch of 2 x 32: probe 1 x 16 against 2 x 32 tokens
     assert 0.1 < probe["probe_flops_share"] < 0.2
@@ -62,7 +62,8 @@ def test_generate_dynamic_probe_keeps_the_prompts_structure(capsys, text_file):
     keep = pm.keep_count(9, 30 / 27 * 0.3)
     assert set(out["kept_query_heads"]) == {str(l) for l in range(3, 30)}
     assert set(out["kept_query_heads"].values()) == {keep}
-    assert set(out["kept_mlp_channels"].values()) == {pm.keep_count(1536, 30 / 27 * 0.3)}
+    assert set(out["kept_mlp_channels"].values()) == {pm.keep_count(1536, 30 / 27 * 0.3, 32)}
+    assert pm.keep_count(1536, 30 / 27 * 0.3, 32) % 32 == 0
 
 
 @pytest.mark.parametrize("args, message", [
