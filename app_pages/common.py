@@ -12,7 +12,7 @@ from pruner.errors import PrunerError
 from pruner.models import load_model
 from pruner.studio import Studio
 
-DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "kv_group"}
+DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
 CHART_HEIGHT = 300
 

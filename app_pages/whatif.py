@@ -4,12 +4,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import cached_model, choices, current_model, layers_figure, show_error, studio
-from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import perplexity
 from pruner.config import PruneConfig
 from pruner.prune import prune
-from pruner.windows import eval_windows, tokenize
+from pruner.space import GRANULARITIES
+from pruner.windows import corpus_windows
 
 st.title("What-if")
 st.caption("What happens if I prune this model by 30%? By 50%? A metric method answers in seconds "
@@ -18,7 +18,7 @@ st.caption("What happens if I prune this model by 30%? By 50%? A metric method a
 c = choices()
 loaded = current_model()
 EVAL_SEQLEN, EVAL_WINDOWS, CALIB_WINDOWS = 128, 16, 32
-METRIC_METHODS = ["flap", "wanda-sp", "magnitude"]
+METRIC_METHODS = ["flap", "wanda-sp", "taylor", "magnitude"]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -27,7 +27,7 @@ def prune_and_measure(spec: str, device: str, dtype: str, data: str, method: str
     model = current_model()
     config = PruneConfig(method=method, ratio=ratio, granularity=granularity, data=data, calib_windows=CALIB_WINDOWS)
     pruned, _, report = prune(model, config)
-    windows = eval_windows(tokenize(model.tokenizer, load_text(data, "validation")), EVAL_SEQLEN, EVAL_WINDOWS)
+    windows = corpus_windows(model.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
     return {"ppl": perplexity(pruned, windows)["ppl"], "achieved_ratio": report["achieved_ratio"],
             "per_layer": report["per_layer"], "wall_time_s": report["wall_time_s"]}
 
@@ -35,7 +35,7 @@ def prune_and_measure(spec: str, device: str, dtype: str, data: str, method: str
 @st.cache_data(show_spinner=False)
 def dense_ppl(spec: str, device: str, dtype: str, data: str) -> float:
     model = current_model()
-    windows = eval_windows(tokenize(model.tokenizer, load_text(data, "validation")), EVAL_SEQLEN, EVAL_WINDOWS)
+    windows = corpus_windows(model.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
     return perplexity(model.model, windows)["ppl"]
 
 
@@ -43,7 +43,7 @@ def dense_ppl(spec: str, device: str, dtype: str, data: str) -> float:
 def saved_model_ppl(path: str, device: str, dtype: str, data: str) -> float:
     """Perplexity of a run's saved model on the same validation windows."""
     pruned = cached_model(path, device, dtype)
-    windows = eval_windows(tokenize(pruned.tokenizer, load_text(data, "validation")), EVAL_SEQLEN, EVAL_WINDOWS)
+    windows = corpus_windows(pruned.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
     return perplexity(pruned.model, windows)["ppl"]
 
 
@@ -51,7 +51,7 @@ key = (c["model_spec"], c["device"], c["dtype"], c["data"])
 cols = st.columns([1, 3, 1])
 method = cols[0].selectbox("Metric", METRIC_METHODS)
 ratio = cols[1].slider("Ratio", 0.05, 0.8, 0.3, 0.05, help="Fraction of decoder-linear parameters removed")
-granularity = cols[2].selectbox("Granularity", ["kv_group", "query_head", "block"])
+granularity = cols[2].selectbox("Granularity", GRANULARITIES)
 try:
     with st.spinner(f"Pruning with {method} at {ratio:.2f} (the first time also calibrates)..."):
         result = prune_and_measure(*key, method, ratio, granularity)
@@ -79,7 +79,7 @@ if cols[2].button("Run sweep", type="primary") or st.session_state.get("sweep_do
     for m in methods:
         points = []
         for r in sorted(ratios):
-            points.append((r, prune_and_measure(*key, m, r, "kv_group")["ppl"]))
+            points.append((r, prune_and_measure(*key, m, r, "auto")["ppl"]))
             done += 1
             bar.progress(done / total, text=f"{m} at {r}")
         fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", name=m)

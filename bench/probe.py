@@ -24,11 +24,10 @@ import torch
 
 from bench.common import markdown_table, write_results
 from pruner import probe_math as pm
-from pruner.corpus import load_text
 from pruner.models import load_model
 from pruner.probe import (ProbeConfig, ProbePruner, calibration_history_for, evaluate_dynamic, layer_ratio,
                           static_baselines)
-from pruner.windows import eval_windows, tokenize
+from pruner.windows import corpus_windows
 
 STATIC = ("wanda-sp", "flap")
 
@@ -80,7 +79,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    windows = eval_windows(tokenize(loaded.tokenizer, load_text(args.data, "test")), args.seqlen)
+    windows = corpus_windows(loaded.tokenizer, args.data, "test", args.seqlen)
     total_windows = int(windows.shape[0])
     if args.max_batches:
         windows = windows[: args.max_batches * args.batch_size]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.common import markdown_table, write_results
-from tests.e2e.harness import REPO_ROOT, launch_chromium, serve_studio, set_number
+from tools.browser import REPO_ROOT, PageWatch, launch_chromium, serve_studio, set_number, wait_for_app_idle
 
 ASSETS = REPO_ROOT / "assets"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
@@ -40,9 +40,24 @@ def wait_for_step(page, at_least: int) -> None:
 
 
 def choose(page, label: str, option: str) -> None:
-    page.get_by_label(label, exact=True).click()
+    from playwright.sync_api import expect
+
+    box = page.get_by_label(label, exact=True)
+    box.click()
     page.get_by_role("option", name=option, exact=True).click()
-    page.wait_for_timeout(300)
+    expect(box).to_have_value(option)
+    wait_for_app_idle(page)
+
+
+def toggle(page, label: str) -> None:
+    """Flip a checkbox, by its label."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_role("checkbox", name=label, exact=True)
+    was = box.is_checked()
+    page.get_by_text(label, exact=True).click()
+    expect(box).to_be_checked(checked=not was)
+    wait_for_app_idle(page)
 
 
 def start_to_first_point(page, base: str, settings: dict, choices: dict) -> tuple[float, float, str]:
@@ -51,8 +66,7 @@ def start_to_first_point(page, base: str, settings: dict, choices: dict) -> tupl
     page.get_by_role("button", name="Start", exact=True).wait_for(timeout=LONG_MS)
     for label, option in choices.items():
         if label == "toggle":
-            page.get_by_text(option, exact=True).click()  # a checkbox, by its label
-            page.wait_for_timeout(300)
+            toggle(page, option)
         else:
             choose(page, label, option)
     for label, value in settings.items():
@@ -76,7 +90,7 @@ def refresh_latency(page, repeats: int) -> list[float]:
         page.locator(".st-key-loss_chart .main-svg").first.wait_for(timeout=LONG_MS)
         page.locator(".st-key-run_progress").first.wait_for(timeout=LONG_MS)
         out.append(time.perf_counter() - t0)
-        page.wait_for_timeout(1000)
+        wait_for_app_idle(page, timeout=LONG_MS / 1000)
     return out
 
 
@@ -95,19 +109,19 @@ def screenshots(page, base: str, run_id: str) -> None:
     page.goto(f"{base}/compare")
     page.get_by_role("button", name="Generate", exact=True).click()
     page.locator(".st-key-compare_table").wait_for(timeout=LONG_MS)
-    page.wait_for_timeout(1000)
+    wait_for_app_idle(page, timeout=LONG_MS / 1000)
     page.screenshot(path=str(ASSETS / "studio-compare.png"), full_page=True)
     page.goto(f"{base}/whatif")
     page.locator(".st-key-whatif_layers .main-svg").first.wait_for(timeout=LONG_MS)
     page.get_by_role("button", name="Run sweep", exact=True).click()
     page.locator(".st-key-sweep_chart .main-svg").first.wait_for(timeout=LONG_MS)
     page.set_viewport_size({"width": 1400, "height": 1500})
-    page.wait_for_timeout(1000)
+    page.wait_for_timeout(1000)  # Plotly redraws its charts for the new size
     page.screenshot(path=str(ASSETS / "studio-whatif.png"))
     page.set_viewport_size(WIDE)
     page.goto(f"{base}/runs")
     page.locator(".st-key-runs_table").wait_for(timeout=LONG_MS)
-    page.wait_for_timeout(1000)
+    wait_for_app_idle(page, timeout=LONG_MS / 1000)
     page.screenshot(path=str(ASSETS / "studio-runs.png"))
 
 
@@ -125,6 +139,8 @@ def main() -> None:
             sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page(viewport=TALL)
+        watch = PageWatch()
+        watch.attach(page)
         t0 = time.perf_counter()
         page.goto(f"{base}/")
         page.get_by_text("Prunable units").first.wait_for(timeout=LONG_MS)
@@ -146,7 +162,7 @@ def main() -> None:
                 if args.screenshots:
                     wait_for_step(page, args.screenshot_steps)
                     page.set_viewport_size(TALL)
-                    page.wait_for_timeout(1500)
+                    page.wait_for_timeout(1500)  # Plotly redraws its charts for the new size
                     page.screenshot(path=str(ASSETS / "studio-prune.png"))
             stop_run(page)
             if i == len(cases) - 1:  # the same page once the run has stopped: rendering alone
@@ -164,6 +180,7 @@ def main() -> None:
             "shares the 2 cores with the run's forward passes; the same refresh once it has stopped "
             "is the rendering alone.")
     write_results(args.name, {"rows": rows}, md)
+    watch.assert_clean()  # after the results are written: nothing off localhost, no console error
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ class Job:
         return (1, 1) if self._status == "finished" else (0, 1)
 
     def info(self) -> dict:
+        status = self.status  # before the step: a run seen "paused" has no step in flight, its step is final
         step, steps = self.progress()
-        return {"id": self.id, "dir": str(self.dir), "status": self.status, "step": step, "steps": steps,
+        return {"id": self.id, "dir": str(self.dir), "status": status, "step": step, "steps": steps,
                 "settings": self.record.settings, "error": self.error,
                 "has_model": (self.dir / MODEL_SUBDIR / REPORT_FILE).is_file(), "updated": time.time()}
 
@@ -222,12 +223,11 @@ class ProbeJob:
             self._thread.join(timeout)
 
     def _work(self) -> None:
-        from .corpus import load_text
-        from .windows import eval_windows, tokenize
+        from .windows import corpus_windows
 
         try:
-            text = load_text(self.config.data, "validation")
-            windows = eval_windows(tokenize(self.loaded.tokenizer, text), self.seqlen, self.batches * self.batch_size)
+            windows = corpus_windows(self.loaded.tokenizer, self.config.data, "validation", self.seqlen,
+                                     self.batches * self.batch_size)
             pruner = build_pruner(self.loaded, self.config, self.seqlen)
             self._status = "running"
 

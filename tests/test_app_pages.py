@@ -1,5 +1,6 @@
 """Every studio page in-process with Streamlit's AppTest: widgets, state and errors."""
 
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def test_app_navigation_opens_on_the_model_page():
     at = page("app.py")
     assert at.title[0].value == "Model & data"
     assert "embedded" in texts(at)
+
+
+def test_every_page_icon_has_a_local_favicon():
+    """app.py turns each page's ":material/<name>:" icon into app_pages/icons/<name>.svg for the browser tab."""
+    names = re.findall(r'icon=":material/(\w+):"', (ROOT / "app.py").read_text())
+    assert len(names) == 5
+    for name in names:
+        assert (ROOT / "app_pages" / "icons" / f"{name}.svg").read_text().startswith("<svg"), name
 
 
 def test_model_page_summary_and_bad_choices():

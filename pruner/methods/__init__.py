@@ -6,10 +6,11 @@ A new method is one new file here that defines `METHOD = Method(...)`, plus its 
 from __future__ import annotations
 
 from ..errors import PrunerError
-from . import flap, magnitude, pg, wanda_sp
+from . import flap, magnitude, pg, taylor, wanda_sp
 from .base import Method, Selection, UnitScores
 
-METHODS: dict[str, Method] = {m.name: m for m in (magnitude.METHOD, wanda_sp.METHOD, flap.METHOD, pg.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (magnitude.METHOD, wanda_sp.METHOD, flap.METHOD, taylor.METHOD,
+                                                   pg.METHOD)}
 
 
 def get_method(name: str) -> Method:

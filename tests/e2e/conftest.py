@@ -1,28 +1,18 @@
-"""Browser-test harness: the studio served by `streamlit run app.py` on a free port, driven by a real
-headless Chromium through playwright. Without Chromium or playwright the tests skip, except under CI=true,
-where they fail. Screenshots go to `<repo>/screenshots/` (git-ignored)."""
+"""Browser-test fixtures over tools/browser.py: the studio served by `streamlit run app.py` on a free port,
+driven by a real headless Chromium through playwright, each page watched for requests off localhost and
+console errors. Without Chromium or playwright the tests skip, except under CI=true, where they fail.
+Screenshots go to `<repo>/screenshots/` (git-ignored)."""
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import CHROMIUM, REPO_ROOT, StudioDidNotStart, launch_chromium, serve_studio
+from tools.browser import CHROMIUM, REPO_ROOT, PageWatch, StudioDidNotStart, launch_chromium, serve_studio
 
 SCREENSHOTS = REPO_ROOT / "screenshots"
-
-# Console messages that say nothing about the studio itself; each one ignored is printed.
-IGNORED_CONSOLE = [
-    # the favicon; a ":material/...:" page icon is fetched from Google's font CDN, unreachable offline
-    re.compile(r"favicon|fonts\.gstatic\.com/s/i/short-term/release/materialsymbols", re.I),
-    # opened on a page path (/prune), Streamlit first probes /prune/_stcore/... for its base URL, then /
-    re.compile(r"404 .*\(https?://[^/]+/[^ ]+/_stcore/(host-config|health)\)"),
-    # Streamlit's websocket reconnecting
-    re.compile(r"websocket.*(closed|reconnect|disconnect)|(closed|reconnect|disconnect).*websocket", re.I),
-]
 
 
 def require_browser() -> None:
@@ -66,31 +56,11 @@ def browser():
         b.close()
 
 
-class Console:
-    """Errors the page reported: console.error messages and uncaught exceptions."""
-
-    def __init__(self):
-        self.errors: list[str] = []
-
-    def attach(self, page) -> None:
-        page.on("console", lambda msg: msg.type == "error" and self.errors.append(
-            f"console.error: {msg.text} ({msg.location.get('url', '')}) on {page.url}"))
-        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc} on {page.url}"))
-
-    def assert_clean(self) -> None:
-        """Fail on any error except favicon 404s and Streamlit's websocket reconnect noise (printed)."""
-        real = []
-        for e in self.errors:
-            if any(p.search(e) for p in IGNORED_CONSOLE):
-                print(f"ignored console message: {e}")
-            else:
-                real.append(e)
-        assert not real, "console errors:\n" + "\n".join(real)
-
-
 @pytest.fixture
-def console() -> Console:
-    return Console()
+def watch() -> PageWatch:
+    """The requests and errors of the test's page; the page fixture checks them at the end of every test,
+    and a test may check them sooner (after each page it opens)."""
+    return PageWatch()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -101,12 +71,13 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def page(browser, studio_url, console, request):
-    """A fresh page (1400x1000) on the studio, its console collected; a failing test leaves a screenshot."""
+def page(browser, studio_url, watch, request):
+    """A fresh page (1400x1000) on the studio, watched: once the test has passed, it fails if the page
+    requested anything off localhost or reported an error. A failing test leaves a screenshot."""
     context = browser.new_context(base_url=studio_url, viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     pg.set_default_timeout(30_000)
-    console.attach(pg)
+    watch.attach(pg)
     yield pg
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
@@ -115,6 +86,8 @@ def page(browser, studio_url, console, request):
         except Exception as exc:  # a dead page must not hide the test's own failure
             print(f"no failure screenshot: {exc}")
     context.close()
+    if rep is not None and rep.passed:
+        watch.assert_clean()
 
 
 def save_screenshot(pg, name: str) -> Path:

@@ -1,14 +1,16 @@
-"""The studio in a real headless browser: pages render without console errors, and a policy-gradient run
-is started, watched live, paused, resumed, stopped, reloaded, then compared, on a slow CPU."""
+"""The studio in a real headless browser: every page renders without a console error or a request off
+this machine (the page fixture checks both at the end of every test, the tests after each page too), and a
+policy-gradient run is started, watched live, paused, resumed, stopped, reloaded, then compared, on a slow
+CPU."""
 
 from __future__ import annotations
 
+import base64
 import re
-import time
 
 import pytest
 
-from tests.e2e.harness import set_number
+from tools.browser import REPO_ROOT, set_number, wait_for_app_idle
 
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
 SNAPSHOT_RE = re.compile(r"snapshot at step (\d+)")
@@ -22,12 +24,6 @@ def expect(locator):
     from playwright.sync_api import expect as pw_expect
 
     return pw_expect(locator)
-
-
-def wait_for_app_idle(page, timeout: float = 60) -> None:
-    """Wait until Streamlit's "Running..." status widget is gone (the script run ended)."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout * 1000)
-    expect(page.locator('[data-testid="stStatusWidget"]')).to_have_count(0, timeout=timeout * 1000)
 
 
 def read_number(page, key: str, pattern: re.Pattern) -> int | None:
@@ -48,19 +44,29 @@ def read_step(page) -> int | None:
     return read_number(page, "run_progress", STEP_RE)
 
 
+# In the page: the first number `src` (a regex) finds in the text of `sel`, once above `previous`.
+NUMBER_ABOVE_JS = """([sel, src, previous]) => {
+    const el = document.querySelector(sel);
+    const m = el && new RegExp(src).exec(el.innerText);
+    return m && Number(m[1]) > previous ? {n: Number(m[1])} : null;
+}"""
+
+
 def wait_for_increase(page, key: str, pattern: re.Pattern, previous: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = read_number(page, key, pattern)
-        if seen is not None and seen > previous:
-            return seen
-        page.wait_for_timeout(500)
-    pytest.fail(f"{key}: expected a number above {previous} within {timeout:.0f}s, last saw {seen}")
+    """Wait until the first number `pattern` finds in the container with key `key` is above `previous`."""
+    from playwright.sync_api import TimeoutError
+
+    try:
+        found = page.wait_for_function(NUMBER_ABOVE_JS, arg=[f".st-key-{key}", pattern.pattern, previous],
+                                       polling=250, timeout=timeout * 1000)
+    except TimeoutError:
+        pytest.fail(f"{key}: expected a number above {previous} within {timeout:.0f}s, "
+                    f"last saw {read_number(page, key, pattern)}")
+    return found.json_value()["n"]
 
 
 def wait_for_step_increase(page, previous: int, timeout: float) -> int:
-    """Poll "step N / M" in run_progress until N > previous; return N."""
+    """Wait until "step N / M" in run_progress shows N > previous; return N."""
     return wait_for_increase(page, "run_progress", STEP_RE, previous, timeout)
 
 
@@ -68,15 +74,41 @@ def wait_for_snapshot_increase(page, previous: int, timeout: float) -> int:
     return wait_for_increase(page, "heads_heatmap", SNAPSHOT_RE, previous, timeout)
 
 
-def test_app_starts_without_console_errors(page, console, screenshot):
-    page.goto("/")
-    expect(page.get_by_role("link", name=re.compile("Prune"))).to_be_visible(timeout=60_000)
-    wait_for_app_idle(page)
+# Each page, by its path, a text it shows once drawn, and its icon.
+PAGES = [("/", "Prunable units", "database"), ("/prune", "Press Start to prune", "content_cut"),
+         ("/compare", "Prompt", "compare_arrows"), ("/whatif", "What-if", "tune"), ("/runs", "No runs yet", "history")]
+
+
+def favicon_url(icon: str) -> str:
+    """The data: URL Streamlit makes of app_pages/icons/<icon>.svg, app.py's page_icon."""
+    svg = (REPO_ROOT / "app_pages" / "icons" / f"{icon}.svg").read_bytes()
+    return "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
+
+
+def test_every_page_stays_on_this_machine(page, watch, screenshot):
+    for path, text, icon in PAGES:
+        page.goto(path)
+        expect(page.locator('[data-testid="stMain"]')).to_contain_text(text, timeout=MODEL_LOAD_S * 1000)
+        wait_for_app_idle(page, timeout=MODEL_LOAD_S)
+        expect(page.locator("link[rel='shortcut icon']")).to_have_attribute("href", favicon_url(icon))
+        watch.assert_clean()
     screenshot("app-start")
-    console.assert_clean()
+    # a quick run, shown on Prune: its status, progress and report
+    page.goto("/prune")
+    method = page.get_by_label("Method", exact=True)
+    expect(method).to_have_value("pg", timeout=60_000)
+    wait_for_app_idle(page)
+    method.click()
+    page.get_by_role("option", name="magnitude", exact=True).click()
+    expect(method).to_have_value("magnitude")
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Start", exact=True).click()
+    expect(page.locator(".st-key-run_status")).to_contain_text("finished", timeout=MODEL_LOAD_S * 1000)
+    wait_for_app_idle(page, timeout=MODEL_LOAD_S)
+    watch.assert_clean()
 
 
-def test_studio_full_flow(page, console, screenshot):
+def test_studio_full_flow(page, watch, screenshot):
     # A deep link on a fresh server: the app's st.navigation must be in charge (the page titles), not
     # Streamlit's listing of a pages/ folder, which would run the page script without app.py.
     page.goto("/runs")
@@ -87,6 +119,7 @@ def test_studio_full_flow(page, console, screenshot):
     expect(page.locator('[data-testid="stMain"]')).to_contain_text("Prunable units", timeout=MODEL_LOAD_S * 1000)
     wait_for_app_idle(page, timeout=MODEL_LOAD_S)
     screenshot("model")
+    watch.assert_clean()
 
     # ---- start a small PG run ----
     page.goto("/prune")
@@ -119,9 +152,8 @@ def test_studio_full_flow(page, console, screenshot):
     # ---- pause: the step stands still ----
     page.get_by_role("button", name="Pause", exact=True).click()
     expect(status).to_contain_text("paused", timeout=STEP_S * 1000)
-    page.wait_for_timeout(1000)  # a step in flight when Pause was pressed may still land
-    paused_at = read_step(page)
-    page.wait_for_timeout(3000)
+    paused_at = read_step(page)  # "paused" shows once a step in flight has landed, with that step
+    page.wait_for_timeout(3000)  # not a wait for something: three polls of the page (one a second) must not move it
     assert read_step(page) == paused_at, "the step moved while paused"
 
     # ---- resume: it moves again ----
@@ -136,6 +168,7 @@ def test_studio_full_flow(page, console, screenshot):
     stopped_at = read_step(page)
     assert stopped_at is not None and stopped_at > paused_at
     screenshot("prune-stopped")
+    watch.assert_clean()
 
     # ---- reload: the same run, not a new one ----
     page.reload()
@@ -143,7 +176,7 @@ def test_studio_full_flow(page, console, screenshot):
     expect(status).to_contain_text("stopped", timeout=60_000)
     wait_for_app_idle(page)  # while a script run goes, Streamlit may still show the last run's elements
     expect(status).to_contain_text(run_id)
-    expect(progress).to_contain_text(f"step {stopped_at} / 60")
+    expect(progress).to_contain_text(f"step {stopped_at} / 60", timeout=60_000)
 
     # ---- compare the dense and the pruned model ----
     # A run turns "stopped" only once its model is saved, so Compare lists it at once.
@@ -157,15 +190,16 @@ def test_studio_full_flow(page, console, screenshot):
         expect(page.locator(f".st-key-{key}")).to_have_text(re.compile(r"\S"), timeout=MODEL_LOAD_S * 1000)
     wait_for_app_idle(page, timeout=MODEL_LOAD_S)
     screenshot("compare")
+    watch.assert_clean()
 
     # ---- the remaining pages ----
     page.goto("/whatif")
     expect(page.locator('[data-testid="stMain"]')).to_contain_text("What-if", timeout=60_000)
     wait_for_app_idle(page, timeout=MODEL_LOAD_S)
     screenshot("whatif")
+    watch.assert_clean()
     page.goto("/runs")
     expect(page.locator('[data-testid="stMain"]')).to_contain_text(run_id, timeout=60_000)
     wait_for_app_idle(page)
     screenshot("runs")
-
-    console.assert_clean()
+    watch.assert_clean()

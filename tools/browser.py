@@ -1,10 +1,12 @@
-"""Serve the studio on a free localhost port and open it in Debian's headless Chromium (playwright).
-Used by the browser tests and by bench/studio_latency.py."""
+"""The studio in a real browser: `streamlit run app.py` on a free localhost port, Debian's headless Chromium
+driven by playwright, and a watch that checks that the page asks nothing of any other host and reports no
+error. Used by the browser tests (tests/e2e) and by bench/studio_latency.py."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,12 +14,23 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 HEALTH_TIMEOUT_S = 120
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+LOCAL_SCHEMES = {"data", "blob"}  # inlined content, no request on the wire
+
+# Console errors that say nothing about the studio; each one ignored is printed.
+IGNORED_CONSOLE = [
+    # opened on a page path (/prune), Streamlit first probes /prune/_stcore/... for its base URL, then /
+    re.compile(r"404 .*\(https?://[^/]+/[^ ]+/_stcore/(host-config|health)\)"),
+    # Streamlit's websocket reconnecting
+    re.compile(r"websocket.*(closed|reconnect|disconnect)|(closed|reconnect|disconnect).*websocket", re.I),
+]
 
 
 class StudioDidNotStart(RuntimeError):
@@ -49,8 +62,6 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
 
 @contextlib.contextmanager
 def serve_studio(runs_dir: Path, log_path: Path):
@@ -91,3 +102,48 @@ def set_number(page, label: str, value) -> None:
     field.fill(str(value))
     field.press("Enter")
     expect(field).to_have_value(str(value))
+
+
+def wait_for_app_idle(page, timeout: float = 60) -> None:
+    """Wait until Streamlit's "Running..." status widget is gone (the script run ended)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout * 1000)
+    expect(page.locator('[data-testid="stStatusWidget"]')).to_have_count(0, timeout=timeout * 1000)
+
+
+def is_local(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in LOCAL_SCHEMES or parts.hostname in LOCAL_HOSTS
+
+
+class PageWatch:
+    """What a page did: every request it made and every error it reported (console.error, uncaught
+    exceptions), each with the page's URL at the time. `assert_clean` fails on a request to any host
+    but this machine, and on any error but the harmless ones in IGNORED_CONSOLE (printed)."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str]] = []  # (page URL, request URL)
+        self.errors: list[str] = []
+
+    def attach(self, page) -> None:
+        page.on("request", lambda req: self.requests.append((page.url, req.url)))
+        page.on("console", lambda msg: msg.type == "error" and self._error(
+            f"console.error: {msg.text} ({msg.location.get('url', '')}) on {page.url}"))
+        page.on("pageerror", lambda exc: self._error(f"pageerror: {exc} on {page.url}"))
+
+    def _error(self, text: str) -> None:
+        if any(p.search(text) for p in IGNORED_CONSOLE):
+            print(f"ignored console message: {text}")
+        else:
+            self.errors.append(text)
+
+    def external_requests(self) -> list[str]:
+        return [f"{url} (on {on})" for on, url in self.requests if not is_local(url)]
+
+    def assert_clean(self) -> None:
+        external, errors = self.external_requests(), self.errors
+        assert not external and not errors, (
+            "the studio must stay on this machine, without console errors:\n"
+            + "".join(f"request off localhost: {u}\n" for u in external)
+            + "".join(f"{e}\n" for e in errors))
