@@ -1,102 +1,146 @@
-"""What-if: prune by a metric in seconds at any ratio; sweep perplexity vs ratio, PG runs overlaid."""
+"""What-if: prune by a metric in seconds at any ratio; sweep perplexity vs ratio, PG runs overlaid.
+
+The page never prunes: it hands what it wants to show to the studio's What-if queue (one computation
+at a time, a newer change replaces queued ones, none while a run is going) and polls for the results.
+"""
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_model, choices, current_model, layers_figure, show_error, studio
-from pruner.errors import PrunerError
-from pruner.evaluate import perplexity
-from pruner.config import PruneConfig
-from pruner.prune import prune
+from app_pages.common import POLL_SECONDS, choices, current_model, layers_figure, studio
 from pruner.space import GRANULARITIES
-from pruner.windows import corpus_windows
+from pruner.whatif import CALIB_WINDOWS, EVAL_SEQLEN, EVAL_WINDOWS, WhatIf, describe_state
 
 st.title("What-if")
 st.caption("What happens if I prune this model by 30%? By 50%? A metric method answers in seconds "
-           "(calibration statistics are computed once per model and reused). Perplexity on 16 validation "
-           "windows of 128 tokens, the same windows the policy-gradient runs evaluate on by default.")
+           f"(calibration statistics on {CALIB_WINDOWS} windows are computed once per model and reused). "
+           f"Perplexity on {EVAL_WINDOWS} validation windows of {EVAL_SEQLEN} tokens, the same windows the "
+           "policy-gradient runs evaluate on by default. One computation at a time, in the background; "
+           "a newer change replaces the ones still queued.")
 c = choices()
 loaded = current_model()
-EVAL_SEQLEN, EVAL_WINDOWS, CALIB_WINDOWS = 128, 16, 32
+manager = studio()
+queue = manager.whatif
 METRIC_METHODS = ["flap", "wanda-sp", "taylor", "magnitude"]
+SWEEP_GRANULARITY = "auto"
+model_key = (c["model_spec"], c["device"], c["dtype"])
 
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def prune_and_measure(spec: str, device: str, dtype: str, data: str, method: str, ratio: float, granularity: str) -> dict:
-    """Perplexity and per-layer report of one metric pruning (cached per setting)."""
-    model = current_model()
-    config = PruneConfig(method=method, ratio=ratio, granularity=granularity, data=data, calib_windows=CALIB_WINDOWS)
-    pruned, _, report = prune(model, config)
-    windows = corpus_windows(model.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
-    return {"ppl": perplexity(pruned, windows)["ppl"], "achieved_ratio": report["achieved_ratio"],
-            "per_layer": report["per_layer"], "wall_time_s": report["wall_time_s"]}
-
-
-@st.cache_data(show_spinner=False)
-def dense_ppl(spec: str, device: str, dtype: str, data: str) -> float:
-    model = current_model()
-    windows = corpus_windows(model.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
-    return perplexity(model.model, windows)["ppl"]
-
-
-@st.cache_data(show_spinner="Measuring a saved run...", max_entries=64)
-def saved_model_ppl(path: str, device: str, dtype: str, data: str) -> float:
-    """Perplexity of a run's saved model on the same validation windows."""
-    pruned = cached_model(path, device, dtype)
-    windows = corpus_windows(pruned.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
-    return perplexity(pruned.model, windows)["ppl"]
-
-
-key = (c["model_spec"], c["device"], c["dtype"], c["data"])
 cols = st.columns([1, 3, 1])
 method = cols[0].selectbox("Metric", METRIC_METHODS)
 ratio = cols[1].slider("Ratio", 0.05, 0.8, 0.3, 0.05, help="Fraction of decoder-linear parameters removed")
 granularity = cols[2].selectbox("Granularity", GRANULARITIES)
-try:
-    with st.spinner(f"Pruning with {method} at {ratio:.2f} (the first time also calibrates)..."):
-        result = prune_and_measure(*key, method, ratio, granularity)
-        base = dense_ppl(*key)
-except PrunerError as exc:
-    show_error(exc)
-    st.stop()
-cols = st.columns(4)
-cols[0].metric("Perplexity", f"{result['ppl']:.1f}", delta=f"{result['ppl'] / base:.2f}x dense", delta_color="off")
-cols[1].metric("Dense perplexity", f"{base:.1f}")
-cols[2].metric("Achieved ratio", f"{result['achieved_ratio']:.3f}")
-cols[3].metric("Pruning time", f"{result['wall_time_s']:.1f} s")
-with st.container(key="whatif_layers"):
-    st.plotly_chart(layers_figure(result["per_layer"], f"Per-layer kept fraction ({method}, ratio {ratio:.2f})"),
-                    width="stretch")
+current = WhatIf.pruning(*model_key, c["data"], method, ratio, granularity)
+dense = WhatIf.dense(*model_key, c["data"])
+result_box = st.container()
 
 st.subheader("Sweep: perplexity vs ratio")
 cols = st.columns([3, 2, 1])
 methods = cols[0].multiselect("Methods", METRIC_METHODS, ["flap", "wanda-sp"])
-ratios = cols[1].multiselect("Ratios", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5])
-if cols[2].button("Run sweep", type="primary") or st.session_state.get("sweep_done") == (key, methods, ratios):
+ratios = sorted(cols[1].multiselect("Ratios", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5]))
+sweep_key = (model_key, c["data"], tuple(methods), tuple(ratios))
+if cols[2].button("Run sweep", type="primary", disabled=not (methods and ratios)):
+    st.session_state["sweep"] = sweep_key
+sweeping = st.session_state.get("sweep") == sweep_key
+sweep_box = st.container()
+sweep = {m: [WhatIf.pruning(*model_key, c["data"], m, r, SWEEP_GRANULARITY) for r in ratios] for m in methods} \
+    if sweeping else {}
+pg_runs = [info for info in (manager.runs() if sweeping else [])
+           if info.get("has_model") and info.get("settings", {}).get("method") == "pg"
+           and info["settings"].get("model") == c["model_spec"] and info["settings"].get("data") == c["data"]]
+pg_points = [(info["settings"]["ratio"], info["id"], WhatIf.saved(info["dir"] + "/model", c["device"], c["dtype"],
+                                                                   c["data"])) for info in pg_runs]
+wanted = [current, dense] + [w for points in sweep.values() for w in points] + [w for _, _, w in pg_points]
+queue.submit(wanted, loaded)
+
+
+def working() -> None:
+    """What the queue does now, in words: the page's visible "working" state."""
+    with st.container(key="whatif_working"):
+        st.info(describe_state(queue.state()), icon=":material/hourglass_top:")
+
+
+def known(requests) -> bool:
+    return all(queue.result(w) is not None for w in requests)
+
+
+def show_result() -> None:
+    """Metrics and per-layer chart of the current setting, or what the queue is doing meanwhile."""
+    result, base = queue.result(current), queue.result(dense)
+    if result is None:
+        st.caption(f"Working on {current.describe()}...")
+        working()
+        return
+    if "error" in result:
+        st.error(result["error"])
+        return
+    ppl_base = base.get("ppl") if base else None
+    cols = st.columns(4)
+    cols[0].metric("Perplexity", f"{result['ppl']:.1f}",
+                   delta=f"{result['ppl'] / ppl_base:.2f}x dense" if ppl_base else None, delta_color="off")
+    cols[1].metric("Dense perplexity", f"{ppl_base:.1f}" if ppl_base else ("error" if base else "..."))
+    cols[2].metric("Achieved ratio", f"{result['achieved_ratio']:.3f}")
+    cols[3].metric("Pruning time", f"{result['wall_time_s']:.1f} s")
+    if base and "error" in base:
+        st.error(base["error"])
+    with st.container(key="whatif_layers"):
+        st.plotly_chart(layers_figure(result["per_layer"],
+                                      f"Per-layer kept fraction ({method}, ratio {ratio:.2f}, {granularity})"),
+                        width="stretch")
+
+
+SWEEP_NEEDED = [w for points in sweep.values() for w in points] + [w for _, _, w in pg_points] + [dense]
+
+
+def show_sweep() -> None:
+    """The sweep chart once every point is known, else its progress and what the queue is doing."""
+    if not sweeping:
+        return
+    results = {w: queue.result(w) for w in SWEEP_NEEDED}
+    missing = sum(r is None for r in results.values())
+    if missing:
+        st.progress(1 - missing / len(SWEEP_NEEDED), text=f"sweep: {len(SWEEP_NEEDED) - missing} / "
+                                                           f"{len(SWEEP_NEEDED)} points")
+        working()
+        return
+    for error in sorted({r["error"] for r in results.values() if "error" in r}):
+        st.error(error)
     fig = go.Figure()
-    bar = st.progress(0.0, text="sweeping...")
-    total, done = len(methods) * len(ratios), 0
-    for m in methods:
-        points = []
-        for r in sorted(ratios):
-            points.append((r, prune_and_measure(*key, m, r, "auto")["ppl"]))
-            done += 1
-            bar.progress(done / total, text=f"{m} at {r}")
-        fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", name=m)
-    bar.empty()
-    pg_points = [(info["settings"]["ratio"], saved_model_ppl(info["dir"] + "/model", *key[1:]), info["id"])
-                 for info in studio().runs()
-                 if info.get("has_model") and info.get("settings", {}).get("method") == "pg"
-                 and info["settings"].get("model") == c["model_spec"] and info["settings"].get("data") == c["data"]]
-    if pg_points:
-        fig.add_scatter(x=[p[0] for p in pg_points], y=[p[1] for p in pg_points], mode="markers", name="pg runs",
-                        text=[p[2] for p in pg_points], marker=dict(size=12, symbol="star"))
-    # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
-    fig.add_scatter(x=[min(ratios), max(ratios)], y=[base, base], mode="lines", name="dense",
-                    line=dict(dash="dot", color="grey"))
+    for m, points in sweep.items():
+        ok = [(w.ratio, results[w]["ppl"]) for w in points if "ppl" in results[w]]
+        fig.add_scatter(x=[p[0] for p in ok], y=[p[1] for p in ok], mode="lines+markers", name=m)
+    stars = [(r, results[w]["ppl"], run_id) for r, run_id, w in pg_points if "ppl" in results[w]]
+    if stars:
+        fig.add_scatter(x=[p[0] for p in stars], y=[p[1] for p in stars], mode="markers", name="pg runs",
+                        text=[p[2] for p in stars], marker=dict(size=12, symbol="star"))
+    if "ppl" in results[dense]:
+        # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
+        fig.add_scatter(x=[min(ratios), max(ratios)], y=[results[dense]["ppl"]] * 2, mode="lines", name="dense",
+                        line=dict(dash="dot", color="grey"))
     fig.update_yaxes(type="log", exponentformat="power")
     fig.update_layout(height=380, xaxis_title="ratio", yaxis_title="validation perplexity",
                       margin=dict(l=10, r=10, t=30, b=10))
-    st.session_state["sweep_done"] = (key, methods, ratios)
     with st.container(key="sweep_chart"):
         st.plotly_chart(fig, width="stretch")
+
+
+def polled(show, needed: list) -> None:
+    """Draw `show`; while results in `needed` are missing, redraw it every POLL_SECONDS in a fragment
+    (which re-submits the page's wish list, so a page another session superseded gets its turn again),
+    and rerun the whole page once they are all in, which ends the polling."""
+    if known(needed):
+        show()
+        return
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def live():
+        queue.submit(wanted, loaded)
+        show()
+        if known(needed):
+            st.rerun()
+    live()
+
+
+with result_box:
+    polled(show_result, [current, dense])
+with sweep_box:
+    polled(show_sweep, SWEEP_NEEDED if sweeping else [])

@@ -5,14 +5,23 @@ A run directory (under `paths.runs_dir()`) holds
     checkpoint.safetensors   policy-gradient state (resumable; tensors and JSON only)
     model/          the pruned model and its report.json, written when a run finishes or stops
 Jobs work on a private copy of the model: the cached model that pages read is never hooked or
-modified. Nothing here touches Streamlit; pages only read a job's state.
+modified. A job lets go of that copy and of its search when it ends: an ended run lives on disk
+only (its record, checkpoint and model), and resuming it reads its checkpoint. Nothing here
+touches Streamlit; pages only read a job's state.
+
+One heavy thing at a time: a run's job, a Probe Pruning job, or one What-if computation
+(`pruner.whatif`, the studio's `whatif` queue). What-if work waits while a job is going. A job
+starts at once (no page waits), and its thread waits for the What-if computation in flight, if
+any, before it copies the model; no new one begins until the job has ended.
 
 A `ProbeJob` (the Probe page) runs a few batches of Probe Pruning next to the dense forward; it
-takes the same one-heavy-job slot but keeps its results in memory (no run folder).
+takes the same heavy slot but keeps its results in memory (no run folder) and lets go of its
+model copy when it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,10 +43,12 @@ from .pg.history import RunHistory
 from .pg.run import PGRun
 from .probe import ProbeConfig, build_pruner, evaluate_dynamic
 from .prune import apply, prune, report
-from .run_record import LIVE, RunRecord, read_record
+from .run_record import FINAL, LIVE, RunRecord, read_record
 from .space import PruningSpace
+from .whatif import WhatIfQueue, release_memory
 
 MODEL_SUBDIR = "model"
+SLOT_POLL_S = 0.5  # how often waiting What-if work looks whether the run has ended
 
 
 def new_run_id(config: PruneConfig) -> str:
@@ -55,11 +66,14 @@ class Job:
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
-    The job's `RunRecord` is the one writer of `<dir>/status.json`.
+    The job's `RunRecord` is the one writer of `<dir>/status.json`. `loaded` is the shared model
+    until the job's turn comes (`wait_turn`), then the job's private copy of it. Once ended, the job
+    drops its copy and its search (`loaded` and `pg` become None); its history is then read from disk.
     """
 
-    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig):
+    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig, wait_turn=None):
         self.id, self.dir, self.loaded, self.config = run_id, Path(run_dir), loaded, config
+        self._wait_turn = wait_turn  # called first in the job's thread: the studio's one-heavy-job rule
         self.pg: PGRun | None = None
         self._status = "created"
         self.error: str | None = None
@@ -67,6 +81,7 @@ class Job:
         self.started = time.time()
         self._thread: threading.Thread | None = None
         self._stop_asked = False
+        self._ended_at: tuple[int, int] | None = None  # (step, steps) when the job let go of its search
         self.record = RunRecord(self.dir, settings_of(loaded, config))
 
     # -- state read by pages ------------------------------------------------------------------
@@ -79,15 +94,25 @@ class Job:
 
     @property
     def is_alive(self) -> bool:
-        """True while the job works; its final status is set as the thread's very last act."""
+        """True while the job works; its final status is set as the thread's last act on the run."""
         return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
 
+    @property
+    def ended(self) -> bool:
+        return self._status in FINAL
+
     def history(self) -> dict:
-        return self.pg.history.read() if self.pg else RunHistory().read()
+        pg = self.pg
+        if pg is not None:
+            return pg.history.read()
+        return saved_history(self.dir) if self._ended_at else RunHistory().read()
 
     def progress(self) -> tuple[int, int]:
-        if self.pg:
-            return self.pg.step, self.pg.config.steps
+        pg = self.pg
+        if pg is not None:
+            return pg.step, pg.config.steps
+        if self._ended_at:
+            return self._ended_at
         return (1, 1) if self._status == "finished" else (0, 1)
 
     def info(self) -> dict:
@@ -99,7 +124,7 @@ class Job:
 
     # -- control --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Begin (or continue after a stop) in a daemon thread."""
+        """Begin in a daemon thread (a job runs once; a stopped run resumes as a new job)."""
         if self.is_alive:
             raise PrunerError(f"run {self.id} is already going")
         self._status, self.error, self._stop_asked = "loading", None, False
@@ -127,6 +152,9 @@ class Job:
     # -- the work -------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
+            if self._wait_turn is not None:
+                self._wait_turn()
+            self.loaded = private_copy(self.loaded)  # hooks and pruning never touch the shared model
             if self.config.method == "pg":
                 ended = self._run_pg()
             else:
@@ -140,7 +168,10 @@ class Job:
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
         self._write(ended)
-        self._status = ended  # last: pages that see a final status find everything on disk
+        self._ended_at = self.progress()
+        self._status = ended  # pages that see a final status find everything on disk
+        self.pg = self.loaded = None  # the model copy and the search: an ended run lives on disk
+        release_memory()
 
     def _run_pg(self) -> str:
         """The PG loop, then slice and save its current hard mask; returns "finished" or "stopped"."""
@@ -183,7 +214,7 @@ class ProbeJob:
     """
 
     def __init__(self, job_id: str, loaded: LoadedModel, config: ProbeConfig, batches: int, batch_size: int,
-                 seqlen: int):
+                 seqlen: int, wait_turn=None):
         if min(batches, batch_size) < 1 or seqlen < 2:
             raise PrunerError("a probe run needs at least one batch of one window of at least 2 tokens")
         self.id, self.loaded, self.config = job_id, loaded, config.validate()
@@ -193,6 +224,7 @@ class ProbeJob:
         self.rows: list[dict] | None = None
         self._stop_asked = False
         self._thread: threading.Thread | None = None
+        self._wait_turn = wait_turn  # called first in the job's thread: the studio's one-heavy-job rule
 
     @property
     def status(self) -> str:
@@ -201,6 +233,10 @@ class ProbeJob:
     @property
     def is_alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
+
+    @property
+    def ended(self) -> bool:
+        return self._status in FINAL
 
     def progress(self) -> tuple[int, int]:
         return len(self._results), self.batches
@@ -226,6 +262,9 @@ class ProbeJob:
         from .windows import corpus_windows
 
         try:
+            if self._wait_turn is not None:
+                self._wait_turn()
+            self.loaded = private_copy(self.loaded)  # the pruner hooks and slices its own copy
             windows = corpus_windows(self.loaded.tokenizer, self.config.data, "validation", self.seqlen,
                                      self.batches * self.batch_size)
             pruner = build_pruner(self.loaded, self.config, self.seqlen)
@@ -247,16 +286,21 @@ class ProbeJob:
         except Exception as exc:  # noqa: BLE001 - the page shows why
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
+        self.loaded = None  # the model copy: the results stay
         self._status = ended  # last: a page that sees a final status finds every result in place
 
 
 class Studio:
-    """Every run of this process plus those on disk; at most one heavy job at a time."""
+    """Every run of this process plus those on disk, and the What-if queue; at most one heavy job
+    (a run, or one What-if computation) at a time."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else runs_dir()
         self.jobs: dict[str, Job | ProbeJob] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._slot = threading.Condition(self._lock)  # signalled when What-if work or a run's start ends
+        self._whatif_busy = False  # a What-if computation holds its memory
+        self.whatif = WhatIfQueue(self.whatif_slot)
 
     def folder(self, run_id: str) -> Path:
         """The folder of run `run_id`, strictly inside the runs folder (PrunerError otherwise)."""
@@ -272,59 +316,91 @@ class Studio:
             raise PrunerError(f"run {busy.id} is still going ({busy.status}); stop it or wait for it "
                               "before starting another: one heavy run at a time")
 
+    @contextlib.contextmanager
+    def whatif_slot(self, on_wait):
+        """Hold the heavy slot for one What-if computation. Waits while a run is going, calling
+        `on_wait(run_id)` (and `on_wait(None)` once it has the slot)."""
+        with self._slot:
+            while (busy := self.active()) is not None:
+                on_wait(busy.id)
+                self._slot.wait(SLOT_POLL_S)
+            on_wait(None)
+            self._whatif_busy = True
+        try:
+            yield
+        finally:
+            with self._slot:
+                self._whatif_busy = False
+                self._slot.notify_all()
+
+    def _whatif_done(self) -> None:
+        """A run's first act (in its thread): wait for the What-if computation in flight, if any."""
+        with self._slot:
+            self._slot.wait_for(lambda: not self._whatif_busy)
+
+    def _launch(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig) -> Job:
+        """Register and start a job, unless a run is going. From here no What-if computation begins;
+        the job waits for the one in flight before it copies the model."""
+        with self._slot:
+            self._refuse_if_busy()
+            job = Job(run_id, run_dir, loaded, config, wait_turn=self._whatif_done)
+            self.jobs[run_id] = job
+            job.start()
+        return job
+
     def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
         """Start a new run of `config` on a private copy of `loaded`."""
         config = dataclasses.replace(config, run_dir=None).validate()
         self._refuse_if_busy()
         run_id = new_run_id(config)
-        job = Job(run_id, self.folder(run_id), private_copy(loaded), config)
-        with self._lock:
-            self.jobs[run_id] = job
-        job.start()
-        return job
+        return self._launch(run_id, self.folder(run_id), loaded, config)
 
     def start_probe(self, loaded: LoadedModel, config: ProbeConfig, batches: int, batch_size: int,
                     seqlen: int) -> ProbeJob:
         """Start a Probe Pruning job on a private copy of `loaded` (it hooks and slices its model)."""
-        self._refuse_if_busy()
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-probe-r{round(config.ratio * 100):02d}-{uuid.uuid4().hex[:4]}"
-        job = ProbeJob(job_id, loaded, config, batches, batch_size, seqlen)  # checks the settings first
-        job.loaded = private_copy(loaded)
-        with self._lock:
+        # checks the settings first; its thread waits for the What-if computation in flight, then copies the model
+        job = ProbeJob(job_id, loaded, config, batches, batch_size, seqlen, wait_turn=self._whatif_done)
+        with self._slot:
+            self._refuse_if_busy()
             self.jobs[job_id] = job
-        job.start()
+            job.start()
         return job
 
     def get(self, run_id: str) -> Job | None:
+        """The job of `run_id` while it has not ended, else None: an ended run is read from disk."""
         with self._lock:
             job = self.jobs.get(run_id)
-        return job if isinstance(job, Job) else None
+            if not isinstance(job, Job):
+                return None
+            if job.ended:
+                del self.jobs[run_id]
+                return None
+            return job
 
     def get_probe(self, job_id: str) -> ProbeJob | None:
+        """A Probe Pruning job of this process (its results stay in memory after it ends)."""
         with self._lock:
             job = self.jobs.get(job_id)
         return job if isinstance(job, ProbeJob) else None
 
     def resume(self, run_id: str, load) -> Job:
         """Continue a stopped or interrupted policy-gradient run from its checkpoint.
-        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache)."""
+        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache).
+        The new job continues from the run's checkpoint (an ended job keeps nothing in memory)."""
         self._refuse_if_busy()
-        job = self.get(run_id)
-        if job is None:
-            run_dir = self.folder(run_id)
-            if not has_checkpoint(run_dir):
-                raise PrunerError(f"run {run_id} has no checkpoint to resume from")
-            settings = read_settings(run_dir)
-            config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
-            job = Job(run_id, run_dir, private_copy(load(settings.get("model", "embedded"))), config)
-            with self._lock:
-                self.jobs[run_id] = job
-        if job.config.method != "pg":
-            raise PrunerError(f"run {run_id} is a {job.config.method} run: only policy-gradient runs resume")
-        if job.pg is not None and job.pg.step >= job.pg.config.steps:
+        run_dir = self.folder(run_id)
+        record = read_record(run_dir)
+        method = (record.get("settings") or {}).get("method", "pg")
+        if method != "pg":
+            raise PrunerError(f"run {run_id} is a {method} run: only policy-gradient runs resume")
+        if record.get("status") == "finished":
             raise PrunerError(f"run {run_id} has finished all its steps")
-        job.start()
-        return job
+        if not has_checkpoint(run_dir):
+            raise PrunerError(f"run {run_id} has no checkpoint to resume from")
+        settings = read_settings(run_dir)
+        config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
+        return self._launch(run_id, run_dir, load(settings.get("model", "embedded")), config)
 
     def runs(self) -> list[dict]:
         """Every run directory, newest first, live jobs with their live state. A run whose

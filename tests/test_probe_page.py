@@ -58,6 +58,9 @@ def test_probe_page_runs_batches_and_shows_what_they_kept(tmp_path):
             break
         time.sleep(1)
     assert any("**finished**" in m.value for m in at.markdown), [m.value for m in at.markdown] + [e.value for e in at.error]
+    job = common.studio().get_probe(at.session_state["probe_job"])
+    assert job.loaded is None and len(job.state()["batches"]) == 2  # the model copy goes, the results stay
+    assert common.studio().active() is None and common.studio().get(job.id) is None  # not a run
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["Parameters unused"]) > 0.3  # ratio 0.4, layers 0-2 dense, k/v whole
     assert float(metrics["Probe FLOPs"].rstrip("%")) > 0
