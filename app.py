@@ -14,6 +14,7 @@ PAGES = [
     st.Page("app_pages/prune.py", title="Prune", icon=":material/content_cut:", url_path="prune"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("app_pages/whatif.py", title="What-if", icon=":material/tune:", url_path="whatif"),
+    st.Page("app_pages/probe.py", title="Probe", icon=":material/bolt:", url_path="probe"),
     st.Page("app_pages/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
 ]
 

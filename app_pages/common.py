@@ -118,3 +118,22 @@ def layers_figure(per_layer: list[dict], title: str) -> go.Figure:
     fig.add_bar(x=[r["layer"] for r in per_layer], y=[r["kept_fraction"] for r in per_layer], name="kept")
     fig.update_yaxes(range=[0, 1])
     return _layout(fig, title, "layer", "kept fraction of layer parameters")
+
+
+def mask_change_figure(heads, channels) -> go.Figure:
+    """Share of units whose decision changed from one batch to the next (mean over pruned layers)."""
+    fig = go.Figure()
+    xs = list(range(1, heads.shape[0] + 1))
+    fig.add_scatter(x=xs, y=heads.mean(1).tolist(), mode="lines+markers", name="query heads")
+    fig.add_scatter(x=xs, y=channels.mean(1).tolist(), mode="lines+markers", name="MLP channels")
+    fig.update_yaxes(range=[0, 1])
+    return _layout(fig, "Mask change from the previous batch", "batch", "share of units flipped")
+
+
+def batch_times_figure(batches: list[dict]) -> go.Figure:
+    """Wall time of the dense and the probe-pruned forward of every batch."""
+    fig = go.Figure()
+    xs = [b["batch"] for b in batches]
+    fig.add_bar(x=xs, y=[b["dense_s"] for b in batches], name="dense")
+    fig.add_bar(x=xs, y=[b["probe_s"] for b in batches], name="probe pruning (probe included)")
+    return _layout(fig, "Forward wall time per batch", "batch", "seconds")

@@ -8,6 +8,11 @@ already-pruned models (whose layers differ in shape) are handled like dense ones
 
 A new architecture of the LLaMA layout is one more `Adapter(...)` line in `ADAPTERS`; a different
 layout is a subclass that overrides the accessors and the four slicing methods.
+
+Probe Pruning (pruner.probe) asks an adapter three more things: where each block's residual
+enters (`block_entry_norms`), how a block acts on a few probe tokens (`probe_attention`,
+`probe_mlp`), and how to slice a layer for one batch and put it back (`slice_query_heads`,
+`slice_mlp`, `sublayer_parts`, `restore_sublayer`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PrunerError
+from .probe_math import probe_attention_output
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -106,26 +112,63 @@ def _with_bias(bias: Tensor | None, extra: Tensor | None) -> Tensor | None:
     return extra if bias is None else bias.detach() + extra.to(bias.dtype)
 
 
-def _rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
-    """A new linear with only the output rows `idx`."""
-    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[idx.to(linear.weight.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[idx.to(linear.weight.device)])
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding `weight` (out, in) and `bias` as they are. Built without running
+    nn.Linear.__init__, whose random initialisation would cost more than the slicing itself
+    (Probe Pruning slices once per batch)."""
+    new = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = weight.shape[1], weight.shape[0]
+    new.weight = nn.Parameter(weight.detach())
+    new.register_parameter("bias", nn.Parameter(bias.detach()) if bias is not None else None)
     return new
+
+
+def _rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+    """A new linear with only the output rows `idx` (copied)."""
+    idx = idx.to(linear.weight.device)
+    bias = linear.bias.index_select(0, idx) if linear.bias is not None else None
+    return _linear(linear.weight.index_select(0, idx), bias)
 
 
 def _cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
-    """A new linear with only the input columns `idx`."""
-    new = nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, idx.to(linear.weight.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
+    """A new linear with only the input columns `idx` (copied; the bias is kept whole)."""
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    return _linear(linear.weight.index_select(1, idx.to(linear.weight.device)), bias)
+
+
+class HeadGather(nn.Module):
+    """A key or value projection whose output heads are then gathered: output head j is input
+    head `heads[j]`. Under grouped-query attention, query heads kept unevenly across groups each
+    get their own copy of their key/value head (as the reference's `repeat_kv(heads_to_preserve)`),
+    so the attention runs with one key/value head per query head and no regrouping."""
+
+    def __init__(self, linear: nn.Linear, heads: Tensor, head_dim: int):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("channels", channels_of_heads(heads, head_dim).to(linear.weight.device),
+                             persistent=False)
+
+    # in/out_features, weight and bias are the stored projection's (its parameters), so that
+    # shapes and parameter counts read off a layer count each key/value head once
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).index_select(-1, self.channels)
 
 
 @dataclass(frozen=True)
@@ -140,6 +183,7 @@ class Adapter:
     name: str
     model_types: tuple[str, ...]
     notes: str
+    mlp_entry_norm: str = "post_attention_layernorm"  # the norm between the residual and the MLP
 
     # ---- reading ------------------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -203,7 +247,7 @@ class Adapter:
             block.self_attn = RemovedAttention(model.config.hidden_size, attn.layer_idx, attn.o_proj.bias)
             return
         hd = self.head_dim(model)
-        q_ch, kv_ch = _channels_of_heads(q_heads, hd), _channels_of_heads(kv_heads, hd)
+        q_ch, kv_ch = channels_of_heads(q_heads, hd), channels_of_heads(kv_heads, hd)
         attn.q_proj, attn.k_proj, attn.v_proj = _rows(attn.q_proj, q_ch), _rows(attn.k_proj, kv_ch), _rows(attn.v_proj, kv_ch)
         attn.o_proj = _cols(attn.o_proj, q_ch)
         attn.num_key_value_groups = len(q_heads) // len(kv_heads)
@@ -219,6 +263,74 @@ class Adapter:
             return
         mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, channels), _rows(mlp.up_proj, channels)
         mlp.down_proj = _cols(mlp.down_proj, channels)
+
+    def slice_query_heads(self, model: nn.Module, i: int, q_heads: Tensor) -> None:
+        """Keep any non-empty set of query heads of layer i (sorted), in place: q rows and o columns of
+        those heads, k/v rows of the key/value heads they use. When every used key/value head
+        serves the same number of kept query heads this is `slice_attention`; otherwise k/v are
+        gathered per query head (`HeadGather`) and the layer runs as multi-head attention."""
+        attn = self.attention(model, i)
+        group = attn.num_key_value_groups
+        kv_of_q = q_heads // group
+        kv_heads, counts = torch.unique(kv_of_q, return_counts=True)
+        if bool((counts == counts[0]).all()):
+            self.slice_attention(model, i, q_heads, kv_heads)
+            return
+        hd = self.head_dim(model)
+        q_ch, kv_ch = channels_of_heads(q_heads, hd), channels_of_heads(kv_heads, hd)
+        position = torch.searchsorted(kv_heads, kv_of_q)  # each kept query head's k/v head after slicing
+        attn.q_proj, attn.o_proj = _rows(attn.q_proj, q_ch), _cols(attn.o_proj, q_ch)
+        attn.k_proj = HeadGather(_rows(attn.k_proj, kv_ch), position, hd)
+        attn.v_proj = HeadGather(_rows(attn.v_proj, kv_ch), position, hd)
+        attn.num_key_value_groups = 1
+
+    def sublayer_parts(self, model: nn.Module, i: int, which: str) -> dict:
+        """The modules (and the grouping) that slicing replaces in layer i's attention
+        (`which="attention"`) or MLP, to hand back to `restore_sublayer`."""
+        if which == "attention":
+            attn = self.attention(model, i)
+            return {name: getattr(attn, name) for name in (*ATTENTION_LINEARS, "num_key_value_groups")}
+        mlp = self.mlp(model, i)
+        return {name: getattr(mlp, name) for name in MLP_LINEARS}
+
+    def restore_sublayer(self, model: nn.Module, i: int, which: str, parts: dict) -> None:
+        """Put back what `sublayer_parts` returned (undoes `slice_query_heads` / `slice_mlp`)."""
+        holder = self.attention(model, i) if which == "attention" else self.mlp(model, i)
+        for name, value in parts.items():
+            setattr(holder, name, value)
+
+    # ---- probing (Probe Pruning) ------------------------------------------------------------------
+    def block_entry_norms(self, model: nn.Module, i: int) -> tuple[nn.Module, nn.Module]:
+        """The norms whose input is the residual entering layer i's attention and MLP, and whose
+        output is that block's input (the probe is taken from the output)."""
+        layer = self.layers(model)[i]
+        return layer.input_layernorm, getattr(layer, self.mlp_entry_norm)
+
+    def probe_attention(self, model: nn.Module, i: int, x: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                        positions: Tensor) -> Tensor:
+        """Layer i's attention on probe tokens only: x (Bp, Tp, H) the normed block input at true
+        positions `positions` (Tp,), position_embeddings the (cos, sin) of those positions
+        ((1 or Bp), Tp, d). q/k/v (with q_norm/k_norm where the family has them), RoPE, then
+        `probe_attention_output` with the layer's scaling, sliding window and logit cap.
+        Returns the pre-o_proj activation (Bp, Tp, n_q * d); o_proj is not run."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = self.attention(model, i)
+        shape = (*x.shape[:-1], -1, self.head_dim(model))
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(model.config, "sliding_window", None)
+        return probe_attention_output(q, k, v, positions, attn.scaling, window,
+                                      getattr(attn, "attn_logit_softcapping", None))
+
+    def probe_mlp(self, model: nn.Module, i: int, x: Tensor) -> Tensor:
+        """Layer i's MLP up to down_proj on probe tokens x (Bp, Tp, H): act(gate x) * up x, (Bp, Tp, d_ff)."""
+        mlp = self.mlp(model, i)
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
     def reshape_layer(self, model: nn.Module, i: int, n_q: int, n_kv: int, d_ff: int, biases: set[str]) -> None:
         """Give a freshly built (e.g. meta-device) layer the recorded kept sizes and biases, so a
@@ -325,15 +437,17 @@ class Adapter:
                 target.bias.add_(delta)
 
 
-def _channels_of_heads(heads: Tensor, head_dim: int) -> Tensor:
-    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+def channels_of_heads(heads: Tensor, head_dim: int) -> Tensor:
+    """The o_proj input channels (or q/k/v output rows) of `heads`: h * head_dim + 0..head_dim-1."""
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
 ADAPTERS = (
     Adapter("llama", ("llama",), "LLaMA 1/2/3, SmolLM2, TinyLlama: no biases by default"),
     Adapter("mistral", ("mistral",), "sliding-window attention; same layout as LLaMA"),
     Adapter("qwen2", ("qwen2",), "biases on q/k/v, none on o"),
-    Adapter("gemma3", ("gemma3_text",), "q_norm/k_norm over head_dim, explicit head_dim, sandwich norms"),
+    Adapter("gemma3", ("gemma3_text",), "q_norm/k_norm over head_dim, explicit head_dim, sandwich norms",
+            mlp_entry_norm="pre_feedforward_layernorm"),
 )
 
 

@@ -58,6 +58,31 @@ def input_means(stats: tuple[list[InputStats], list[InputStats]]) -> tuple[list[
 
 
 @torch.no_grad()
+def each_output_input(model: nn.Module, adapter: Adapter, windows: Tensor, visit, batch_size: int = 8,
+                      progress: bool = False, desc: str = "calibration") -> None:
+    """One dense pass over `windows` in batches; `visit(layer, which, x)` sees the input x (B, T, C)
+    of every o_proj (`which="o_proj"`) and down_proj as it is computed. Hooks are removed on exit."""
+    handles = []
+
+    def recorder(layer: int, which: str):
+        def hook(module, args):
+            visit(layer, which, args[0])
+        return hook
+
+    for l in range(len(adapter.layers(model))):
+        for which in ("o_proj", "down_proj"):
+            linear = adapter.output_linear(model, l, which)
+            if linear is not None:
+                handles.append(linear.register_forward_pre_hook(recorder(l, which)))
+    device = model_device(model)
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+            model(windows[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int = 8,
                         progress: bool = False) -> tuple[list[InputStats], list[InputStats]]:
     """Per layer: stats of the o_proj input (n_q*head_dim channels) and down_proj input (d_ff)."""
@@ -66,24 +91,8 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, windows: Tensor, bat
                for l in range(n_layers)]
     attn = [InputStats.empty(o.in_features if o is not None else 0) for o, _ in outputs]
     mlp = [InputStats.empty(d.in_features if d is not None else 0) for _, d in outputs]
-    handles = []
-
-    def recorder(stats: InputStats):
-        def hook(module, args):
-            stats.add(args[0])
-        return hook
-
-    for l, (o_proj, down_proj) in enumerate(outputs):
-        for linear, stats in ((o_proj, attn[l]), (down_proj, mlp[l])):
-            if linear is not None:
-                handles.append(linear.register_forward_pre_hook(recorder(stats)))
-    device = model_device(model)
-    try:
-        for start in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress, leave=False):
-            model(windows[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    stats = {"o_proj": attn, "down_proj": mlp}
+    each_output_input(model, adapter, windows, lambda l, which, x: stats[which][l].add(x), batch_size, progress)
     return attn, mlp
 
 

@@ -58,6 +58,27 @@ def _pg_args(group) -> None:
                                help=f"{meta['help']}; {describe(f)} (default {f.default})")
 
 
+def _dynamic_args(p: argparse.ArgumentParser, eval_flags: bool) -> None:
+    """Probe Pruning at inference (`--dynamic probe`), for eval and generate."""
+    from .probe import VARIANTS
+
+    group = p.add_argument_group("dynamic pruning (--dynamic probe: Probe Pruning, per batch at inference)")
+    group.add_argument("--dynamic", choices=["probe"], default=None, help="prune each batch on the fly with Probe Pruning")
+    group.add_argument("--ratio", type=float, default=None,
+                       help="share of query heads and MLP channels removed (layers 0-2 stay dense, the rest remove more)")
+    group.add_argument("--probe-variant", choices=VARIANTS, default="probe",
+                       help="probe: the method; full-batch: the whole batch is the probe (the oracle); "
+                            "fixed: fixed fusion weights with the history")
+    group.add_argument("--calib-windows", type=int, default=128,
+                       help="calibration windows (train split of --data) for the probe history and static baselines")
+    group.add_argument("--seed", type=int, default=0)
+    if eval_flags:
+        group.add_argument("--baselines", nargs="*", default=[], metavar="METHOD",
+                           help="static methods (e.g. flap wanda-sp) pruned at the same ratio and timed on the same batches")
+    else:
+        group.add_argument("--data", default="brown", help="corpus whose train split calibrates the probe history")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
@@ -79,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
+    _dynamic_args(p, eval_flags=True)
 
     p = sub.add_parser("prune", help="prune, slice and save a model")
     _model_args(p)
@@ -102,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--json", action="store_true")
+    _dynamic_args(p, eval_flags=False)
     return parser
 
 
@@ -150,11 +173,15 @@ def cmd_info(args) -> dict:
 def cmd_eval(args) -> dict:
     from .corpus import check_corpus, load_text
     from .evaluate import check_context, perplexity
+    from .methods import get_method
     from .windows import corpus_windows
 
     at_least(args.seqlen, 2, "--seqlen")
     at_least(args.max_windows, 1, "--max-windows")
     at_least(args.batch_size, 1, "--batch-size")
+    probe = _probe_config(args)
+    for method in args.baselines:
+        get_method(method)
     check_corpus(args.data)
     config = check_model_args(args)
     check_context(config, args.seqlen, "--seqlen")
@@ -162,8 +189,27 @@ def cmd_eval(args) -> dict:
     loaded = _load(args)
     check_context(loaded.model.config, args.seqlen, "--seqlen")
     windows = corpus_windows(loaded.tokenizer, args.data, args.split, args.seqlen, args.max_windows)
-    result = perplexity(loaded.model, windows, args.batch_size, progress=True)
+    if probe is not None:
+        from .probe import dynamic_eval
+
+        result = dynamic_eval(loaded, windows, probe, args.batch_size, args.baselines, progress=True)
+    else:
+        result = perplexity(loaded.model, windows, args.batch_size, progress=True)
     return result | {"data": args.data, "split": args.split, "model": args.model}
+
+
+def _probe_config(args):
+    """The ProbeConfig of --dynamic probe (PrunerError without --ratio or with bad values)."""
+    from .probe import ProbeConfig
+
+    if not args.dynamic:
+        if args.ratio is not None or getattr(args, "baselines", None):
+            raise PrunerError("--ratio and --baselines act with --dynamic probe only (to prune a model, use `prune`)")
+        return None
+    if args.ratio is None:
+        raise PrunerError("--dynamic probe needs --ratio: the share of heads and channels to remove, e.g. --ratio 0.4")
+    return ProbeConfig(ratio=args.ratio, variant=args.probe_variant, data=args.data, calib_windows=args.calib_windows,
+                       seed=args.seed).validate()
 
 
 def prune_config_from_args(args, write: bool = True):
@@ -265,16 +311,30 @@ def _join_ranks(args):
 
 
 def cmd_generate(args) -> dict:
+    from .corpus import check_corpus
     from .evaluate import check_context, generate
 
     if not args.prompt.strip():
         raise PrunerError("--prompt is empty: give some text to continue")
     at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    probe = _probe_config(args)
+    if probe is not None:
+        check_corpus(args.data)  # the probe history calibrates on its train split
     config = check_model_args(args)
     check_context(config, args.max_new_tokens + 1, "--max-new-tokens plus a prompt")
     loaded = _load(args)
     n_prompt = len(loaded.tokenizer(args.prompt)["input_ids"])
     check_context(loaded.model.config, n_prompt + args.max_new_tokens, "the prompt plus --max-new-tokens")
+    if probe is not None:
+        from .probe import GENERATION_HISTORY_SEQLEN, build_pruner
+
+        pruner = build_pruner(loaded, probe, GENERATION_HISTORY_SEQLEN)
+        completion = pruner.generate(loaded.tokenizer, args.prompt, args.max_new_tokens)
+        record = pruner.records[-1]
+        return {"prompt": args.prompt, "completion": completion, "dynamic": "probe", "ratio": args.ratio,
+                "achieved_ratio": pruner.achieved_ratio(record),
+                "kept_query_heads": {l: h.numel() for l, h in record.heads.items()},
+                "kept_mlp_channels": {l: c.numel() for l, c in record.channels.items()}}
     return {"prompt": args.prompt, "completion": generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens)}
 
 

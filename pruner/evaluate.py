@@ -112,6 +112,69 @@ def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, new_tokens: int 
     return new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
+@torch.no_grad()
+def warm_up(forwards: dict, ids: Tensor) -> None:
+    """One untimed call of every forward (lazy initialisation, kernel selection)."""
+    for forward in forwards.values():
+        forward(ids)
+    _sync(ids.device)
+
+
+@torch.no_grad()
+def side_by_side(forwards: dict, windows: Tensor, batch_size: int, device: torch.device | str = "cpu",
+                 on_batch=None, should_stop=None, progress: bool = False) -> dict:
+    """Perplexity and wall time of several forwards on the same batches: for each batch of
+    `windows` (W, T), every forward f(ids) -> logits (B, T, V) runs in turn, timed alone (the
+    device synchronised around it), so the load of a shared machine falls on all of them alike.
+
+    Returns per name: ppl = exp(mean token NLL), nll, seconds (wall time, summed over the timed
+    forwards), cpu_seconds (this process's CPU time over the same forwards: on a CPU shared with
+    other work it measures the forward's own effort where the wall time also counts waiting;
+    meaningless for GPU forwards), windows, tokens, batches. on_batch(index, {name: {"seconds",
+    "cpu_seconds", "nll"}}) after each batch; should_stop() is asked before each batch.
+    """
+    device = torch.device(device)
+    totals = {name: {"nll_sum": 0.0, "seconds": 0.0, "cpu_seconds": 0.0} for name in forwards}
+    windows_done = 0
+    starts = range(0, len(windows), batch_size)
+    for index, start in enumerate(tqdm(starts, desc="batches", disable=not progress, leave=False)):
+        if should_stop is not None and should_stop():
+            break
+        ids = windows[start:start + batch_size].to(device)
+        entry = {}
+        for name, forward in forwards.items():
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            logits = forward(ids)
+            _sync(device)
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+            nll = token_nll(logits, ids).double().sum().item()
+            del logits
+            totals[name]["nll_sum"] += nll
+            totals[name]["seconds"] += seconds
+            totals[name]["cpu_seconds"] += cpu_seconds
+            entry[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds,
+                           "nll": nll / (ids.shape[0] * (ids.shape[1] - 1))}
+        windows_done += ids.shape[0]
+        if on_batch is not None:
+            on_batch(index, entry)
+    tokens = windows_done * (windows.shape[1] - 1)
+    out = {}
+    for name, t in totals.items():
+        nll = t["nll_sum"] / tokens if tokens else float("nan")
+        out[name] = {"ppl": math.exp(nll) if tokens else float("nan"), "nll": nll, "seconds": t["seconds"],
+                     "cpu_seconds": t["cpu_seconds"], "windows": windows_done, "tokens": tokens, "batches": math.ceil(windows_done / batch_size)}
+    return out
+
+
+def prr(ppl: float, dense_ppl: float, time_ratio: float) -> float | None:
+    """Performance-runtime ratio (Probe Pruning, Sec. 5): perplexity increase per unit of relative
+    runtime reduction, (ppl - dense ppl) / (1 - time_ratio) with time_ratio = pruned / dense wall
+    time; lower is better. None when the pruned forward is not faster (no reduction to divide by)."""
+    reduction = 1 - time_ratio
+    return (ppl - dense_ppl) / reduction if reduction > 0 else None
+
+
 def total_params(model: nn.Module) -> int:
     """All parameters, tied tensors counted once."""
     return sum(p.numel() for p in model.parameters())

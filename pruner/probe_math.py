@@ -156,6 +156,30 @@ def ppsp_head_scores(c: Tensor, w_o: Tensor, head_dim: int, group_size: int = 1)
     return scores.view(n_heads // group_size, group_size).sum(1)  # (n_q / group_size,)
 
 
+def column_fourth_moments(weight: Tensor) -> Tensor:
+    """w4_j = sum_i W[i, j]^4 of an nn.Linear weight (out, in), float32 (in,): everything PPsp needs
+    from o_proj / down_proj, computed once per layer since the weights do not change."""
+    return weight.float().pow(2).pow(2).sum(0)  # (in,)
+
+
+def ppsp_channel_scores_from(c: Tensor, w4: Tensor) -> Tensor:
+    """`ppsp_channel_scores` from precomputed moments: S_j = C_j sqrt(w4_j) (C_j >= 0). O(d_ff)."""
+    return c.float().to(w4.device) * w4.sqrt()  # (d_ff,)
+
+
+def ppsp_head_scores_from(c: Tensor, w4: Tensor, head_dim: int, group_size: int = 1) -> Tensor:
+    """`ppsp_head_scores` from precomputed moments: S_h = sqrt(sum_{j in h} C_j^2 w4_j), since
+    sum_i (C_j W_ij^2)^2 = C_j^2 w4_j. Query heads, or kv groups (sum of their heads' scores)."""
+    width = w4.numel()
+    if width % head_dim:
+        raise ValueError(f"o_proj input width {width} is not a multiple of head_dim {head_dim}")
+    n_heads = width // head_dim
+    if n_heads % group_size:
+        raise ValueError(f"{n_heads} query heads do not split into groups of {group_size}")
+    per_head = (c.float().to(w4.device).pow(2) * w4).view(n_heads, head_dim).sum(1).sqrt()  # (n_q,)
+    return per_head.view(n_heads // group_size, group_size).sum(1)
+
+
 def keep_count(n: int, ratio: float, multiple: int = 1) -> int:
     """Units kept out of n at pruning ratio r: floor((1 - r) n + 0.5) (round half up), at least 1.
 
@@ -226,6 +250,32 @@ def update_history(history: Tensor, acts: Tensor, kept_channels: Tensor, momentu
     return new
 
 
+def accumulate_squares(state: tuple[Tensor, Tensor] | None, acts: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sums behind `calibration_history`: state = (sum_b x[b, s, j]^2 (S, C), samples reaching s (S,)).
+
+    state: None (nothing seen yet) or an earlier return value; acts: one batch (B, T, C) of the
+    o_proj / down_proj input. Longer batches extend the sums with zero rows. Returns the new state.
+    """
+    sq = acts.float().pow(2).sum(0)  # (T, C)
+    n = torch.full((sq.shape[0],), acts.shape[0], dtype=torch.float32, device=sq.device)
+    if state is None:
+        return sq, n
+    total, count = state
+    if sq.shape[1] != total.shape[1]:
+        raise ValueError(f"calibration batches disagree on channels: {sq.shape[1]} vs {total.shape[1]}")
+    length = max(total.shape[0], sq.shape[0])
+    total, sq = _extend(total, length), _extend(sq.to(total.device), length)
+    count = torch.cat([count, count.new_zeros(length - count.numel())])
+    count[: n.numel()] += n.to(count.device)
+    return total + sq, count
+
+
+def history_from(state: tuple[Tensor, Tensor]) -> Tensor:
+    """H[s, j] = sum_b x[b, s, j]^2 / (samples reaching s), from `accumulate_squares`'s state."""
+    total, count = state
+    return total / count.unsqueeze(1)  # (S, C)
+
+
 def calibration_history(acts_list: Iterable[Tensor]) -> Tensor:
     """History from dense calibration activations: H[s, j] = mean_b x[b, s, j]^2 (Sec. 3.2).
 
@@ -234,23 +284,39 @@ def calibration_history(acts_list: Iterable[Tensor]) -> Tensor:
     max_i T_i rows. (The reference keeps one sample count per channel, which equals this
     when all windows have the same length.) Returns (max T, C) float32.
     """
-    total, count = None, None
+    state = None
     for acts in acts_list:
-        sq = acts.float().pow(2).sum(0)  # (T_i, C)
-        n = torch.full((sq.shape[0],), acts.shape[0], dtype=torch.float32, device=sq.device)
-        if total is None:
-            total, count = sq, n
-            continue
-        if sq.shape[1] != total.shape[1]:
-            raise ValueError(f"calibration batches disagree on channels: {sq.shape[1]} vs {total.shape[1]}")
-        length = max(total.shape[0], sq.shape[0])
-        total, sq = _extend(total, length), _extend(sq.to(total.device), length)
-        count = torch.cat([count, count.new_zeros(length - count.numel())])
-        count[: n.numel()] += n
-        total = total + sq
-    if total is None:
+        state = accumulate_squares(state, acts)
+    if state is None:
         raise ValueError("calibration_history needs at least one batch of activations")
-    return total / count.unsqueeze(1)  # (max T, C)
+    return history_from(state)
+
+
+def probe_attention_output(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scaling: float,
+                           sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
+    """Attention among the probe tokens only, at their true positions (Sec. 3.1, "probing").
+
+    q: (Bp, n_q, Tp, d) and k, v: (Bp, n_kv, Tp, d), already projected, normed and rotated
+    (RoPE at the true positions); positions: (Tp,) true positions, ascending. Token i attends
+    to token j when p_j <= p_i (causal among the probe tokens) and, with a sliding window w,
+    p_i - p_j < w. Scores q k^T * scaling, capped as tanh(s / c) c when softcap = c, softmax
+    in float32. k and v are repeated per query head (grouped-query attention). Returns the
+    pre-o_proj activation (Bp, Tp, n_q * d), head-major like the model's.
+    """
+    b, n_q, t, d = q.shape
+    group = n_q // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (Bp, n_q, Tp, d)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (Bp, n_q, Tp, Tp)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = positions.to(q.device)
+    gap = pos.unsqueeze(1) - pos.unsqueeze(0)  # (Tp, Tp): p_i - p_j
+    allowed = gap >= 0
+    if sliding_window is not None:
+        allowed = allowed & (gap < sliding_window)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)  # (Bp, n_q, Tp, d)
+    return out.transpose(1, 2).reshape(b, t, n_q * d)
 
 
 def _attention_flops(batch: int, seqlen: int, hidden: int, heads: int, kv_heads: int, head_dim: int,

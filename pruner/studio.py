@@ -9,10 +9,14 @@ modified. A job lets go of that copy and of its search when it ends: an ended ru
 only (its record, checkpoint and model), and resuming it reads its checkpoint. Nothing here
 touches Streamlit; pages only read a job's state.
 
-One heavy thing at a time: a run's job, or one What-if computation (`pruner.whatif`, the studio's
-`whatif` queue). What-if work waits while a run is going. A run starts at once (no page waits), and
-its thread waits for the What-if computation in flight, if any, before it copies the model; no new
-one begins until the run has ended.
+One heavy thing at a time: a run's job, a Probe Pruning job, or one What-if computation
+(`pruner.whatif`, the studio's `whatif` queue). What-if work waits while a job is going. A job
+starts at once (no page waits), and its thread waits for the What-if computation in flight, if
+any, before it copies the model; no new one begins until the job has ended.
+
+A `ProbeJob` (the Probe page) runs a few batches of Probe Pruning next to the dense forward; it
+takes the same heavy slot but keeps its results in memory (no run folder) and lets go of its
+model copy when it ends.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .paths import runs_dir
 from .pg.checkpoint import has_checkpoint, load_checkpoint, read_settings
 from .pg.history import RunHistory
 from .pg.run import PGRun
+from .probe import ProbeConfig, build_pruner, evaluate_dynamic
 from .prune import apply, prune, report
 from .run_record import FINAL, LIVE, RunRecord, read_record
 from .space import PruningSpace
@@ -208,13 +213,98 @@ class Job:
                           has_model=(self.dir / MODEL_SUBDIR / REPORT_FILE).is_file())
 
 
+class ProbeJob:
+    """A few batches of Probe Pruning, each timed against the dense forward, in a background thread.
+
+    Validation windows of `seqlen` tokens of the config's corpus, `batches` batches of `batch_size`.
+    `state()` is what the Probe page draws: per batch the kept heads and channels (0/1 matrices,
+    layers x units), the two wall times, the probe's analytic FLOPs share and the NLLs.
+    """
+
+    def __init__(self, job_id: str, loaded: LoadedModel, config: ProbeConfig, batches: int, batch_size: int,
+                 seqlen: int, wait_turn=None):
+        if min(batches, batch_size) < 1 or seqlen < 2:
+            raise PrunerError("a probe run needs at least one batch of one window of at least 2 tokens")
+        self.id, self.loaded, self.config = job_id, loaded, config.validate()
+        self.batches, self.batch_size, self.seqlen = batches, batch_size, seqlen
+        self._status, self.error = "created", None
+        self._results: list[dict] = []
+        self.rows: list[dict] | None = None
+        self._stop_asked = False
+        self._thread: threading.Thread | None = None
+        self._wait_turn = wait_turn  # called first in the job's thread: the studio's one-heavy-job rule
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def is_alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
+
+    @property
+    def ended(self) -> bool:
+        return self._status in FINAL
+
+    def progress(self) -> tuple[int, int]:
+        return len(self._results), self.batches
+
+    def state(self) -> dict:
+        return {"id": self.id, "status": self._status, "error": self.error, "done": len(self._results),
+                "total": self.batches, "batches": list(self._results), "rows": self.rows,
+                "config": dataclasses.asdict(self.config), "batch_size": self.batch_size, "seqlen": self.seqlen}
+
+    def start(self) -> None:
+        self._status = "loading"
+        self._thread = threading.Thread(target=self._work, name=f"probe-{self.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop_asked = True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _work(self) -> None:
+        from .windows import corpus_windows
+
+        try:
+            if self._wait_turn is not None:
+                self._wait_turn()
+            self.loaded = private_copy(self.loaded)  # the pruner hooks and slices its own copy
+            windows = corpus_windows(self.loaded.tokenizer, self.config.data, "validation", self.seqlen,
+                                     self.batches * self.batch_size)
+            pruner = build_pruner(self.loaded, self.config, self.seqlen)
+            self._status = "running"
+
+            def on_batch(index: int, entry: dict) -> None:
+                heads, channels = pruner.keep_masks(pruner.records[-1])
+                probe = entry["probe"]
+                self._results.append({"batch": index, "dense_s": entry["dense"]["seconds"],
+                                      "probe_s": probe["seconds"], "dense_nll": entry["dense"]["nll"],
+                                      "probe_nll": probe["nll"], "probe_flops_share": probe["flops"]["probe_share"],
+                                      "flops_ratio": probe["flops"]["flops_ratio"],
+                                      "achieved_ratio": probe["achieved_ratio"], "heads": heads, "channels": channels})
+
+            result = evaluate_dynamic(self.loaded, windows, self.batch_size, {"probe": pruner}, on_batch=on_batch,
+                                      should_stop=lambda: self._stop_asked)
+            self.rows = result["rows"]
+            ended = "stopped" if self._stop_asked and len(self._results) < self.batches else "finished"
+        except Exception as exc:  # noqa: BLE001 - the page shows why
+            ended = "failed"
+            self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
+        self.loaded = None  # the model copy: the results stay
+        self._status = ended  # last: a page that sees a final status finds every result in place
+
+
 class Studio:
     """Every run of this process plus those on disk, and the What-if queue; at most one heavy job
     (a run, or one What-if computation) at a time."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else runs_dir()
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job | ProbeJob] = {}
         self._lock = threading.RLock()
         self._slot = threading.Condition(self._lock)  # signalled when What-if work or a run's start ends
         self._whatif_busy = False  # a What-if computation holds its memory
@@ -273,14 +363,34 @@ class Studio:
         run_id = new_run_id(config)
         return self._launch(run_id, self.folder(run_id), loaded, config)
 
+    def start_probe(self, loaded: LoadedModel, config: ProbeConfig, batches: int, batch_size: int,
+                    seqlen: int) -> ProbeJob:
+        """Start a Probe Pruning job on a private copy of `loaded` (it hooks and slices its model)."""
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-probe-r{round(config.ratio * 100):02d}-{uuid.uuid4().hex[:4]}"
+        # checks the settings first; its thread waits for the What-if computation in flight, then copies the model
+        job = ProbeJob(job_id, loaded, config, batches, batch_size, seqlen, wait_turn=self._whatif_done)
+        with self._slot:
+            self._refuse_if_busy()
+            self.jobs[job_id] = job
+            job.start()
+        return job
+
     def get(self, run_id: str) -> Job | None:
         """The job of `run_id` while it has not ended, else None: an ended run is read from disk."""
         with self._lock:
             job = self.jobs.get(run_id)
-            if job is not None and job.ended:
+            if not isinstance(job, Job):
+                return None
+            if job.ended:
                 del self.jobs[run_id]
                 return None
             return job
+
+    def get_probe(self, job_id: str) -> ProbeJob | None:
+        """A Probe Pruning job of this process (its results stay in memory after it ends)."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+        return job if isinstance(job, ProbeJob) else None
 
     def resume(self, run_id: str, load) -> Job:
         """Continue a stopped or interrupted policy-gradient run from its checkpoint.

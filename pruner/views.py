@@ -46,6 +46,38 @@ def channels_matrix(snapshot: dict, bins: int = 64) -> Tensor:
     return padded_rows(rows)
 
 
+def binned_columns(matrix: Tensor, bins: int) -> Tensor:
+    """(layers, n) -> (layers, bins): the mean of `bins` slices of consecutive units, in index order
+    (unlike `channels_matrix`, which sorts: here a column is the same channels in every row and batch)."""
+    n = matrix.shape[1]
+    edges = torch.linspace(0, n, min(bins, n) + 1).round().long()
+    return torch.stack([matrix[:, a:b].float().mean(1) for a, b in zip(edges[:-1], edges[1:])], 1)
+
+
+def mask_changes(masks: list[Tensor]) -> Tensor:
+    """Per consecutive pair of batches, the share of each layer's units whose keep decision changed:
+    masks are 0/1 (layers, units), the result is (len(masks) - 1, layers)."""
+    if len(masks) < 2:
+        return torch.zeros(0, masks[0].shape[0] if masks else 0)
+    return torch.stack([(a != b).float().mean(1) for a, b in zip(masks[:-1], masks[1:])])
+
+
+def probe_totals(batches: list[dict]) -> dict:
+    """Sums over the batches a probe job has run: wall times, time saved and their ratio, the mean
+    probe FLOPs share, and the perplexities (every batch has as many tokens)."""
+    if not batches:
+        return {}
+    n = len(batches)
+    dense, probe = sum(b["dense_s"] for b in batches), sum(b["probe_s"] for b in batches)
+    return {"batches": n, "dense_s": dense, "probe_s": probe, "saved_s": dense - probe,
+            "time_ratio": probe / dense if dense > 0 else float("nan"),
+            "probe_flops_share": sum(b["probe_flops_share"] for b in batches) / n,
+            "flops_ratio": sum(b["flops_ratio"] for b in batches) / n,
+            "achieved_ratio": sum(b["achieved_ratio"] for b in batches) / n,
+            "dense_ppl": math.exp(sum(b["dense_nll"] for b in batches) / n),
+            "probe_ppl": math.exp(sum(b["probe_nll"] for b in batches) / n)}
+
+
 CURVE_FIELDS = ("step", "loss_mean", "baseline", "grad_variance", "lr", "expected_kept_fraction",
                 "target_kept_fraction", "heads_mean", "heads_entropy", "channels_mean", "channels_entropy",
                 "tokens_per_s", "step_time_s")

@@ -282,3 +282,34 @@ def test_flops_by_hand():
     # gate, up on 2 tokens: 2 x 8 x 16 = 256 each; no down_proj
     assert probe["mlp"] == 2 * 512
     assert probe["total"] == 256 + 512 + 128 + 1024
+
+
+def test_ppsp_from_column_moments_equals_the_direct_scores(device):
+    """The pruner scores with sum_i W_ij^4 computed once per layer; same numbers as the direct forms."""
+    w_o, w_down = rand(10, 12, seed=20, device=device), rand(10, 16, seed=21, device=device)
+    c_attn, c_mlp = rand(12, seed=22, device=device).abs(), rand(16, seed=23, device=device).abs()
+    for group in (1, 2):
+        torch.testing.assert_close(pm.ppsp_head_scores_from(c_attn, pm.column_fourth_moments(w_o), 3, group),
+                                   pm.ppsp_head_scores(c_attn, w_o, 3, group), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pm.ppsp_channel_scores_from(c_mlp, pm.column_fourth_moments(w_down)),
+                               pm.ppsp_channel_scores(c_mlp, w_down), rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_squares_merge_batches_of_different_lengths():
+    a, b = rand(2, 5, 3, seed=30), rand(3, 7, 3, seed=31)
+    h = pm.history_from(pm.accumulate_squares(pm.accumulate_squares(None, a), b))
+    expected = torch.cat([(torch.cat([a[:, :5], b[:, :5]]) ** 2).mean(0), (b[:, 5:] ** 2).mean(0)])
+    torch.testing.assert_close(h, expected)
+    torch.testing.assert_close(pm.calibration_history([a, b]), expected)
+
+
+def test_probe_attention_output_masks_by_true_position_and_window():
+    """Token i sees j when p_j <= p_i and p_i - p_j < window; a single visible key returns its value."""
+    q, k = rand(1, 1, 3, 2, seed=32), rand(1, 1, 3, 2, seed=33)
+    v = torch.arange(6.0).view(1, 1, 3, 2)
+    positions = torch.tensor([0, 5, 9])
+    out = pm.probe_attention_output(q, k, v, positions, scaling=1.0, sliding_window=4)
+    torch.testing.assert_close(out.view(3, 2), v.view(3, 2))  # gaps 5 and 4 are outside a window of 4
+    full = pm.probe_attention_output(q, k, v, positions, scaling=1.0)
+    scores = (q[0, 0] @ k[0, 0].T).masked_fill(torch.ones(3, 3).triu(1).bool(), float("-inf"))
+    torch.testing.assert_close(full.view(3, 2), torch.softmax(scores, -1) @ v[0, 0])
