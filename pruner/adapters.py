@@ -385,7 +385,7 @@ class Adapter:
             return
         hd = self.head_dim(model)
         device = attn.q_proj.weight.device
-        q_ch, kv_ch = _channels_of_heads(q_heads, hd).to(device), _channels_of_heads(kv_heads, hd).to(device)
+        q_ch, kv_ch = channels_of_heads(q_heads, hd).to(device), channels_of_heads(kv_heads, hd).to(device)
         for linear, idx in ((attn.q_proj, q_ch), (attn.k_proj, kv_ch), (attn.v_proj, kv_ch)):
             swaps.tensor(linear, "weight", select(linear.weight, 0, idx))
             if linear.bias is not None:
