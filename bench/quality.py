@@ -38,7 +38,7 @@ def derived_prune(loaded, config, selection: Selection, with_bias: bool):
     """`selection`'s mask applied again, with FLAP's bias compensation for it or with none."""
     derived = dataclasses.replace(selection, compensate=with_bias)
     space, _ = select(loaded, dataclasses.replace(config, method="magnitude"))
-    pruned = apply(loaded, config, space, derived)
+    pruned, derived = apply(loaded, config, space, derived)
     return pruned, derived, report(loaded, config, space, derived, pruned, 0.0)
 
 

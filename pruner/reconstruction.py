@@ -12,7 +12,8 @@ Methods:
   weight update and gradual pruning; our notes, algorithms.md Sec. 3).
 - `admm_fixed_mask`: the same iterations for a mask chosen elsewhere (Wanda, a structured mask).
 - `least_squares_on_support`: the direct solve per output row that ADMM converges to.
-- `refit_kept_columns`: least squares with an intercept after removing whole input columns.
+- `refit_kept_columns`: least squares with an intercept after removing whole input columns;
+  `admm_refit_columns` the same problem by the fixed-mask ADMM iterations.
 - `sparsegpt_prune`: SparseGPT (Frantar & Alistarh, arXiv 2301.00774, Alg. 1).
 - `relative_output_error`: the error above divided by ||X W^T||_F^2, from G alone.
 
@@ -315,6 +316,43 @@ def refit_kept_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
     w_kept = _solve_psd(lhs, rhs).T  # (d_out, k)
     bias = w @ mu - w_kept @ mu[kept]  # (d_out,)
     return w_kept.to(weight.dtype), bias.to(weight.dtype)
+
+
+def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, kept_columns: Tensor,
+                       iterations: int = 20, rho: float = 1.0, damp: float = 0.1) -> tuple[Tensor, Tensor]:
+    """`refit_kept_columns` by the ADMM fixed-mask update instead of a direct solve.
+
+    The intercept is eliminated as there (b = W mu - W'_K mu_K, not damped), which leaves the
+    problem on the centred Gram matrix N C = G - s s^T / N; on it `admm_fixed_mask` runs with the
+    mask that keeps the columns K in every row (the paper's normalisation, damping `damp` and
+    `iterations` rounds at penalty `rho`). Its damping pulls towards the original W_K, so FLAP's
+    point (W_K kept, b = W_R mu_R) stays feasible and the converged error is at most FLAP's.
+    Returns (W'_K (d_out, |K|), bias delta (d_out,)), both in the weight's dtype.
+    """
+    _check_shapes(weight, gram)
+    if count <= 0:
+        raise PrunerError(f"the token count must be positive, got {count}")
+    dev = weight.device
+    w = _as_f64(weight, dev)  # (d_out, d_in)
+    kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
+    s = _as_f64(x_sum, dev)  # (d_in,)
+    centred = _as_f64(gram, dev) - torch.outer(s, s) / count  # (d_in, d_in) = N C
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask[:, kept] = True
+    w_new = admm_fixed_mask(w, centred, mask, iterations, rho, damp)  # (d_out, d_in), zero outside K
+    mu = s / count
+    bias = w @ mu - w_new @ mu  # (d_out,)
+    return w_new[:, kept].to(weight.dtype), bias.to(weight.dtype)
+
+
+def with_intercept(gram: Tensor, x_sum: Tensor, count: int) -> Tensor:
+    """The Gram matrix of the inputs with a constant 1 appended, [[G, s], [s^T, N]] (float64):
+    with it, `relative_output_error` of [W', b] against [W, 0] measures a layer whose bias
+    changed too."""
+    g = _as_f64(gram, gram.device)
+    s = _as_f64(x_sum, gram.device).unsqueeze(1)  # (d_in, 1)
+    corner = torch.tensor([[float(count)]], dtype=torch.float64, device=gram.device)
+    return torch.cat([torch.cat([g, s], 1), torch.cat([s.T, corner], 1)], 0)
 
 
 def _column_indices(columns: Tensor, d_in: int, device: torch.device) -> Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import PruneConfig
 from .errors import PrunerError
 from .fileio import inside
+from .methods import check_config, get_method
 from .methods.pg import build_run, selection_of, settings_of
 from .models import REPORT_FILE, LoadedModel, save_pruned
 from .paths import runs_dir
@@ -51,6 +52,8 @@ class Job:
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
+    A layer-by-layer run (an unstructured / N:M method, or any structured one with a
+    reconstruction) appends each finished layer's record to `layers`; its progress counts layers.
     The job's `RunRecord` is the one writer of `<dir>/status.json`.
     """
 
@@ -63,6 +66,8 @@ class Job:
         self.started = time.time()
         self._thread: threading.Thread | None = None
         self._stop_asked = False
+        self.layers: list[dict] = []
+        self.layerwise = get_method(config.method).sparse or config.reconstruct != "none"
         self.record = RunRecord(self.dir, settings_of(loaded, config))
 
     # -- state read by pages ------------------------------------------------------------------
@@ -82,9 +87,17 @@ class Job:
         return self.pg.history.read() if self.pg else RunHistory().read()
 
     def progress(self) -> tuple[int, int]:
+        """(done, total): search steps for policy gradient, else layers of a layer-by-layer run."""
         if self.pg:
             return self.pg.step, self.pg.config.steps
+        if self.layerwise:
+            total = len(self.loaded.adapter.layers(self.loaded.model))
+            return (total if self._status == "finished" else len(self.layers)), total
         return (1, 1) if self._status == "finished" else (0, 1)
+
+    def _layer_done(self, record: dict) -> None:
+        self.layers.append(record)
+        self._write()
 
     def info(self) -> dict:
         status = self.status  # before the step: a run seen "paused" has no step in flight, its step is final
@@ -99,6 +112,7 @@ class Job:
         if self.is_alive:
             raise PrunerError(f"run {self.id} is already going")
         self._status, self.error, self._stop_asked = "loading", None, False
+        self.layers = []
         self._write()
         self._thread = threading.Thread(target=self._work, name=f"job-{self.id}", daemon=True)
         self._thread.start()
@@ -128,7 +142,7 @@ class Job:
             else:
                 self._status = "running"
                 self._write()
-                pruned, _, result = prune(self.loaded, self.config)
+                pruned, _, result = prune(self.loaded, self.config, on_layer=self._layer_done)
                 self._status = "saving"
                 self._save(pruned, result)
                 ended = "finished"
@@ -155,7 +169,7 @@ class Job:
         ended = self.pg.status  # finished or stopped
         self._write()
         selection = selection_of(self.pg)
-        pruned = apply(self.loaded, self.config, self.pg.space, selection)
+        pruned, selection = apply(self.loaded, self.config, self.pg.space, selection, on_layer=self._layer_done)
         self._save(pruned, report(self.loaded, self.config, self.pg.space, selection, pruned,
                                   time.perf_counter() - start))
         return ended
@@ -194,7 +208,7 @@ class Studio:
 
     def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
         """Start a new run of `config` on a private copy of `loaded`."""
-        config = dataclasses.replace(config, run_dir=None).validate()
+        config = check_config(dataclasses.replace(config, run_dir=None))
         self._refuse_if_busy()
         run_id = new_run_id(config)
         job = Job(run_id, self.folder(run_id), private_copy(loaded), config)

@@ -12,6 +12,7 @@ never read or advanced, and the same seed gives the same windows.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -118,13 +119,26 @@ class LazyTokenized(Sequence):
         return self.cache[index]
 
 
+_WINDOWS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def calibration_windows(tokenizer, corpus: str, split: str, n: int, seqlen: int, seed: int) -> Tensor:
     """n calibration windows of seqlen tokens from a corpus split: LongTensor[n, seqlen].
 
     c4 uses the document protocol over its documents; every other corpus draws random windows
-    from its tokenised text.
+    from its tokenised text. Remembered per tokenizer object and arguments (the same seed gives
+    the same windows, and tokenising a corpus takes seconds): treat the result as read-only.
     """
     check_window_args(seqlen, n)
-    if corpus == "c4":
-        return document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed)
-    return random_windows(tokenize(tokenizer, load_text(corpus, split)), n, seqlen, seed)
+    try:
+        per_tokenizer = _WINDOWS_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced is not remembered
+        per_tokenizer = {}
+    key = (corpus, split, n, seqlen, seed)
+    if key not in per_tokenizer:
+        if corpus == "c4":
+            windows = document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed)
+        else:
+            windows = random_windows(tokenize(tokenizer, load_text(corpus, split)), n, seqlen, seed)
+        per_tokenizer[key] = windows
+    return per_tokenizer[key]

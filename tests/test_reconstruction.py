@@ -9,12 +9,14 @@ import torch
 from pruner.errors import PrunerError
 from pruner.reconstruction import (
     admm_fixed_mask,
+    admm_refit_columns,
     admm_update,
     least_squares_on_support,
     ramp_sparsity,
     refit_kept_columns,
     relative_output_error,
     sparsegpt_prune,
+    with_intercept,
 )
 from pruner.sparsity_masks import (
     SparsityType,
@@ -411,3 +413,50 @@ def test_refit_beats_flap_bias_compensation(seed, damp):
             perturbed = ours.clone()
             perturbed[:, kept] += noise
             assert error_from_x(perturbed, w, x, bias) > err_ours
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admm_refit_converges_to_the_centred_least_squares_and_beats_flap(seed):
+    """With enough iterations the ADMM refit is the damped least squares on the centred Gram
+    matrix (the intercept eliminated), and its error with the intercept is below FLAP's."""
+    w, x = correlated_layer(seed)
+    x = x + torch.linspace(-1, 2, x.shape[1], dtype=F64)
+    kept = torch.rand(w.shape[1], generator=generator(seed + 30)) > 0.4
+    n = x.shape[0]
+    w_kept, bias = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept, iterations=400, damp=0.1)
+    centred = x.T @ x - torch.outer(x.sum(0), x.sum(0)) / n
+    mask = kept.unsqueeze(0).expand_as(w)
+    expected = least_squares_on_support(w, centred, mask, damp=0.1)
+    torch.testing.assert_close(w_kept, expected[:, kept], rtol=1e-7, atol=1e-9)
+    mu = x.mean(0)
+    torch.testing.assert_close(bias, w @ mu - expected @ mu, rtol=1e-7, atol=1e-9)
+    ours = torch.zeros_like(w)
+    ours[:, kept] = w_kept
+    flap_bias = w[:, ~kept] @ mu[~kept]
+    assert error_from_x(ours, w, x, bias) < error_from_x(w * kept, w, x, flap_bias)
+    # 20 iterations (the default) already beat FLAP's compensation
+    w20, b20 = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept)
+    short = torch.zeros_like(w)
+    short[:, kept] = w20
+    assert error_from_x(short, w, x, b20) < error_from_x(w * kept, w, x, flap_bias)
+
+
+@pytest.mark.parametrize("refit", [refit_kept_columns, admm_refit_columns])
+def test_refit_of_a_removed_sublayer_keeps_its_mean_output(refit):
+    """No column kept: no weights, and the bias is the layer's mean output W mu."""
+    w, x = correlated_layer(4)
+    x = x + 0.7
+    w_kept, bias = refit(w, x.T @ x, x.sum(0), x.shape[0], torch.zeros(w.shape[1], dtype=torch.bool))
+    assert w_kept.shape == (w.shape[0], 0)
+    torch.testing.assert_close(bias, w @ x.mean(0))
+
+
+def test_relative_error_with_an_intercept_from_the_augmented_gram():
+    w, x = correlated_layer(6)
+    x = x + 0.3
+    w_new = w * (torch.rand(w.shape, generator=generator(1), dtype=F64) > 0.5)
+    bias = torch.randn(w.shape[0], generator=generator(2), dtype=F64)
+    g = with_intercept(x.T @ x, x.sum(0), x.shape[0])
+    zero = torch.zeros(w.shape[0], 1, dtype=F64)
+    got = relative_output_error(torch.cat([w_new, bias.unsqueeze(1)], 1), torch.cat([w, zero], 1), g)
+    assert float(got) == pytest.approx(error_from_x(w_new, w, x, bias), rel=1e-10)
