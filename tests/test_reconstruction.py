@@ -98,6 +98,26 @@ def test_unstructured_mask_exact_count(sparsity, per_row):
             assert scores[mask].min() >= scores[~mask].max()
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.73])
+def test_unstructured_mask_is_what_a_stable_sort_removes(per_row, sparsity):
+    """The selection-based mask equals removing the first k entries of a stable ascending sort,
+    also with many ties and infinite scores (as the N:M ramp uses them)."""
+    scores = torch.randint(0, 5, (12, 40), generator=generator(3)).double()
+    scores[2, :7] = math.inf
+    mask = unstructured_mask(scores, sparsity, per_row=per_row)
+    if per_row:
+        k = prune_count(sparsity, 40)
+        order = torch.argsort(scores, dim=1, stable=True)
+        expected = torch.ones_like(mask).scatter_(1, order[:, :k], False)
+    else:
+        k = prune_count(sparsity, scores.numel())
+        expected = torch.ones(scores.numel(), dtype=torch.bool)
+        expected[torch.argsort(scores.flatten(), stable=True)[:k]] = False
+        expected = expected.view_as(mask)
+    assert torch.equal(mask, expected)
+
+
 def test_counts_survive_float_products_and_ties():
     assert prune_count(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
     ties = torch.ones(4, 8)
