@@ -8,13 +8,18 @@ import json
 import plotly.graph_objects as go
 import streamlit as st
 
+from pruner import views
+from pruner.corpus import load_text
 from pruner.errors import PrunerError
+from pruner.evaluate import perplexity
 from pruner.models import load_model
 from pruner.studio import Studio
+from pruner.windows import eval_windows, tokenize
 
 DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "kv_group"}
 POLL_SECONDS = 1.0
 CHART_HEIGHT = 300
+EVAL_SEQLEN, EVAL_WINDOWS = 128, 16  # the studio's validation perplexity: the PG runs' default eval windows
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...", max_entries=6)
@@ -51,6 +56,24 @@ def load_for_run(spec: str):
     """Loader handed to the run manager when it resumes a run from disk."""
     c = choices()
     return cached_model(spec, c["device"], c["dtype"])
+
+
+def validation_windows(loaded, data: str):
+    return eval_windows(tokenize(loaded.tokenizer, load_text(data, "validation")), EVAL_SEQLEN, EVAL_WINDOWS)
+
+
+@st.cache_data(show_spinner=False)
+def dense_ppl(spec: str, device: str, dtype: str, data: str) -> float:
+    """Validation perplexity of the session's model."""
+    model = cached_model(spec, device, dtype)
+    return perplexity(model.model, validation_windows(model, data))["ppl"]
+
+
+@st.cache_data(show_spinner="Measuring a saved model...", max_entries=64)
+def saved_model_ppl(path: str, device: str, dtype: str, data: str) -> float:
+    """Validation perplexity of a run's saved model, on the same windows."""
+    pruned = cached_model(path, device, dtype)
+    return perplexity(pruned.model, validation_windows(pruned, data))["ppl"]
 
 
 def show_error(exc: Exception) -> None:
@@ -118,3 +141,13 @@ def layers_figure(per_layer: list[dict], title: str) -> go.Figure:
     fig.add_bar(x=[r["layer"] for r in per_layer], y=[r["kept_fraction"] for r in per_layer], name="kept")
     fig.update_yaxes(range=[0, 1])
     return _layout(fig, title, "layer", "kept fraction of layer parameters")
+
+
+def layer_errors_figure(records: list[dict], title: str) -> go.Figure:
+    """Per layer, the relative output error of its updated linears before and after the update."""
+    data = views.layer_errors(records)
+    fig = go.Figure()
+    fig.add_scatter(x=data["layer"], y=data["before"], mode="lines+markers", name="before the update (mask only)")
+    fig.add_scatter(x=data["layer"], y=data["after"], mode="lines+markers", name="after the update")
+    fig.update_yaxes(type="log", exponentformat="power")
+    return _layout(fig, title, "layer", "||XW'-XW||² / ||XW||² (mean over linears)")

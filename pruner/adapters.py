@@ -169,10 +169,11 @@ class Adapter:
         groups = (ATTENTION_LINEARS[:3], ("o_proj",), MLP_LINEARS[:2], ("down_proj",))
         return [kept for kept in (tuple(n for n in g if n in present) for g in groups) if kept]
 
-    def run_layer(self, model: nn.Module, i: int, hidden: Tensor, kwargs: dict) -> Tensor:
-        """Decoder layer i on `hidden` (B, T, H) with the keyword arguments the decoder passed it
-        (position embeddings, attention mask, ...): its output hidden states."""
-        out = self.layers(model)[i](hidden, **kwargs)
+    def run_layer(self, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+        """A decoder layer (one of `layers(model)`, or a copy of one) on `hidden` (B, T, H) with the
+        keyword arguments the decoder passed it (position embeddings, attention mask, ...): its
+        output hidden states."""
+        out = layer(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     # ---- reshaping ----------------------------------------------------------------------------

@@ -19,12 +19,21 @@ it as they are after their own update, as SparseGPT, Wanda and the ADMM weight u
    through the updated attention).
 3. `advance()`: one pass of the updated layer gives the inputs of the next one.
 
-Memory: the hidden states of all windows (windows x seqlen x hidden, the model's dtype) twice, and
-the statistics of one `collect` of one layer.
+With `dense_reference=True` the walk also follows the dense model: when it reaches a layer it keeps
+a copy of it as it is then (before any update; the layers before it are already updated, so the
+model itself no longer holds the dense network) and runs a second stream of hidden states through
+those dense copies. `collect` then also accumulates, per input, the cross products with the dense
+model's input to the same linear, sum_tokens x x_dense^T, and that input's own moments: what a
+refit needs to match the dense model's outputs rather than the dense layer's response to
+already-changed inputs.
+
+Memory: the hidden states of all windows (windows x seqlen x hidden, the model's dtype) twice (four
+times with the dense stream), one layer's copy, and the statistics of one `collect` of one layer.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,23 +46,37 @@ from .errors import PrunerError
 
 @dataclass
 class InputGram:
-    """Second moments of one linear input over the calibration tokens."""
+    """Second moments of one linear input over the calibration tokens (and, when the walk follows
+    the dense model, its cross moments with the dense model's input to the same linear)."""
 
     gram: Tensor  # (d_in, d_in) float64: sum_tokens x x^T
     total: Tensor  # (d_in,) float64: sum_tokens x
     count: int = 0  # tokens
+    cross: Tensor | None = None  # (d_in, d_in) float64: sum_tokens x x_dense^T
+    dense_gram: Tensor | None = None  # (d_in, d_in) float64: sum_tokens x_dense x_dense^T
+    dense_total: Tensor | None = None  # (d_in,) float64: sum_tokens x_dense
 
     @classmethod
-    def empty(cls, d_in: int, device: torch.device) -> "InputGram":
-        return cls(torch.zeros(d_in, d_in, dtype=torch.float64, device=device),
-                   torch.zeros(d_in, dtype=torch.float64, device=device))
+    def empty(cls, d_in: int, device: torch.device, with_dense: bool = False) -> "InputGram":
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
 
-    def add(self, x: Tensor) -> None:
-        """Accumulate a batch of inputs (..., d_in): the product in fp32, the sums in fp64."""
+        if not with_dense:
+            return cls(zeros(d_in, d_in), zeros(d_in))
+        return cls(zeros(d_in, d_in), zeros(d_in), 0, zeros(d_in, d_in), zeros(d_in, d_in), zeros(d_in))
+
+    def add(self, x: Tensor, dense: Tensor | None = None) -> None:
+        """Accumulate a batch of inputs (..., d_in) (and the dense model's inputs for the same
+        tokens): the products in fp32, the sums in fp64."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, d_in)
         self.gram += (flat.T @ flat).double()
         self.total += flat.sum(0, dtype=torch.float64)
         self.count += flat.shape[0]
+        if self.cross is not None:
+            ref = dense.detach().reshape(-1, dense.shape[-1]).float()  # (tokens, d_in)
+            self.cross += (flat.T @ ref).double()
+            self.dense_gram += (ref.T @ ref).double()
+            self.dense_total += ref.sum(0, dtype=torch.float64)
 
     @property
     def mean(self) -> Tensor:
@@ -110,13 +133,22 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, windows: Tensor,
 class SequentialInputs:
     """Walks a model's decoder layers in order; see the module docstring."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int = 8):
+    def __init__(self, model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int = 8,
+                 dense_reference: bool = False):
         if batch_size < 1:
             raise PrunerError(f"batch size must be at least 1, got {batch_size}")
         self.model, self.adapter = model, adapter
         self.hidden, self.kwargs = capture_layer_inputs(model, adapter, windows, batch_size)
         self.n_layers = len(self.kwargs)
         self.layer = 0
+        self.dense_hidden = list(self.hidden) if dense_reference else None
+        self.dense_layer = self._dense_copy()
+
+    def _dense_copy(self) -> nn.Module | None:
+        """The current layer as it is on arrival (nothing updated in it yet), for the dense stream."""
+        if self.dense_hidden is None or self.layer >= self.n_layers:
+            return None
+        return copy.deepcopy(self.adapter.layers(self.model)[self.layer])
 
     def _check(self) -> None:
         if self.layer >= self.n_layers:
@@ -128,21 +160,37 @@ class SequentialInputs:
         linear name; linears of one input group share one InputGram object."""
         self._check()
         l = self.layer
+        layer = self.adapter.layers(self.model)[l]
         linears = self.adapter.decoder_linears(self.model, l)
         wanted = set(linears) if names is None else set(names) & set(linears)
+        path = {id(module): name for name, module in layer.named_modules()}
+        dense_modules = dict(self.dense_layer.named_modules()) if self.dense_layer is not None else {}
         stats: dict[str, InputGram] = {}
+        dense_inputs: dict[str, Tensor] = {}  # per group, the dense input of the batch in flight
         handles = []
+
+        def keep_dense(group):
+            return lambda module, args: dense_inputs.__setitem__(group, args[0])
+
+        def accumulate(group, acc):
+            return lambda module, args: acc.add(args[0], dense_inputs.get(group))
+
         try:
             for group in self.adapter.input_groups(self.model, l):
                 members = [n for n in group if n in wanted]
                 if not members:
                     continue
                 first = linears[group[0]]
-                acc = InputGram.empty(first.in_features, first.weight.device)
+                acc = InputGram.empty(first.in_features, first.weight.device, with_dense=bool(dense_modules))
                 stats.update({n: acc for n in members})
-                handles.append(first.register_forward_pre_hook(lambda module, args, acc=acc: acc.add(args[0])))
+                handles.append(first.register_forward_pre_hook(accumulate(group, acc)))
+                if dense_modules:
+                    handles.append(dense_modules[path[id(first)]].register_forward_pre_hook(keep_dense(group)))
             for b, hidden in enumerate(self.hidden):
-                self.adapter.run_layer(self.model, l, hidden, self.kwargs[l][b])
+                if dense_modules:
+                    self.adapter.run_layer(self.dense_layer, self.dense_hidden[b], self.kwargs[l][b])
+                self.adapter.run_layer(layer, hidden, self.kwargs[l][b])
+                dense_inputs.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -153,6 +201,11 @@ class SequentialInputs:
         """Run the (updated) current layer on its inputs: they become the next layer's inputs."""
         self._check()
         l = self.layer
-        self.hidden = [self.adapter.run_layer(self.model, l, h, self.kwargs[l][b]) for b, h in enumerate(self.hidden)]
+        layer = self.adapter.layers(self.model)[l]
+        self.hidden = [self.adapter.run_layer(layer, h, self.kwargs[l][b]) for b, h in enumerate(self.hidden)]
+        if self.dense_hidden is not None:
+            self.dense_hidden = [self.adapter.run_layer(self.dense_layer, h, self.kwargs[l][b])
+                                 for b, h in enumerate(self.dense_hidden)]
         self.kwargs[l] = []  # no longer needed
         self.layer += 1
+        self.dense_layer = self._dense_copy()

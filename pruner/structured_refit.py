@@ -7,16 +7,23 @@ outputs of the already refitted layers before it):
   1. collect the o_proj input statistics (G = X^T X, sum x, N), refit o_proj;
   2. collect the down_proj input statistics through the refitted attention, refit down_proj;
   3. run the layer: its outputs are the next layer's inputs.
-A refit solves  min ||X_K W'_K^T + 1 b^T - X W^T||^2  over the kept columns K and an intercept b
-(pruner.reconstruction): "ls" directly (`refit_kept_columns`, ridge towards W_K), "admm" by the
-paper's fixed-mask iterations (`admm_refit_columns`). The removed columns become zero and b is
-added to the layer's bias, so a sublayer with nothing kept keeps its mean output W mu as a bias.
-The model keeps its dense shapes (masked == sliced: slicing it afterwards drops the zero columns
-and gives the same logits).
+The target is the dense model's output: the walk also runs the dense model alongside
+(`SequentialInputs(dense_reference=True)`), giving for each linear the inputs X_d the dense model
+feeds it for the same tokens and the cross products X^T X_d. A refit solves
+    min ||X_K W'_K^T + 1 b^T - X_d W^T||^2
+over the kept columns K and an intercept b (pruner.reconstruction): "ls" directly
+(`refit_kept_columns`, ridge towards W_K), "admm" by the paper's fixed-mask iterations
+(`admm_refit_columns`), both with the cross term. So a layer also corrects what the earlier
+pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
+changed inputs (target X W^T), which let the errors add up over depth (FLAP at 0.4 on the
+embedded model: 572 -> 721 test perplexity with that target; bench/results/unstructured*.md).
+The removed columns become zero and b is added to the layer's bias, so a sublayer with nothing
+kept keeps its mean output W mu_d as a bias. The model keeps its dense shapes (masked == sliced:
+slicing it afterwards drops the zero columns and gives the same logits).
 
 Each layer's record holds, per refitted linear, the relative output error
-||X W'^T + b - X W^T||^2 / ||X W^T||^2 on these inputs before the refit (the removed columns
-zeroed, plus FLAP's bias W_R mu_R when the selection compensates) and after it.
+||X W'^T + b - X_d W^T||^2 / ||X_d W^T||^2 on these inputs before the refit (the removed columns
+zeroed, plus FLAP's bias W_R mu_dR when the selection compensates) and after it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .reconstruction import admm_refit_columns, refit_kept_columns, relative_output_error, with_intercept
+from .errors import PrunerError
+from .reconstruction import admm_refit_columns, refit_kept_columns, relative_output_error, with_target
 from .scores import flap_bias
 from .sequential import InputGram, SequentialInputs
 from .space import Mask, PruningSpace
@@ -37,35 +45,43 @@ from .space import Mask, PruningSpace
 REFITS = ("ls", "admm")
 
 
-def _with_bias(weight: Tensor, bias: Tensor) -> Tensor:
-    return torch.cat([weight.double(), bias.double().unsqueeze(1)], 1)
+def _row(*parts: Tensor) -> Tensor:
+    """[W1 | W2 | ... | b] as one float64 matrix (a 1-D part becomes a column)."""
+    return torch.cat([t.double() if t.dim() == 2 else t.double().unsqueeze(1) for t in parts], 1)
 
 
 @torch.no_grad()
 def refit_linear(linear: nn.Linear, inputs: InputGram, kept: Tensor, how: str, compensate: bool,
                  admm_iterations: int = 20) -> tuple[Tensor, Tensor, dict]:
-    """The refitted weight (dense shape, removed columns zero) and bias delta of one output linear,
-    with its relative output error before and after."""
+    """The refitted weight (dense shape, removed columns zero) and bias delta of one output linear
+    towards the dense model's outputs X_d W^T (`inputs` from a walk with the dense reference), with
+    its relative output error before and after."""
+    if inputs.cross is None:
+        raise PrunerError("a structured refit needs the dense model's inputs (SequentialInputs(dense_reference=True))")
     w = linear.weight.detach()  # (d_out, d_in)
     kept = kept.to(w.device)
     args = (w, inputs.gram, inputs.total, inputs.count, kept)
-    w_kept, delta = refit_kept_columns(*args) if how == "ls" else admm_refit_columns(*args, iterations=admm_iterations)
+    target = {"cross": inputs.cross, "target_sum": inputs.dense_total}
+    w_kept, delta = (refit_kept_columns(*args, **target) if how == "ls"
+                     else admm_refit_columns(*args, iterations=admm_iterations, **target))
     new = torch.zeros_like(w)
     new[:, kept] = w_kept
-    gram = with_intercept(inputs.gram, inputs.total, inputs.count)
-    dense = _with_bias(w, torch.zeros(w.shape[0], device=w.device))
-    before_bias = flap_bias(w, inputs.mean, ~kept) if compensate else torch.zeros(w.shape[0], device=w.device)
-    errors = {"before": float(relative_output_error(_with_bias(w * kept, before_bias), dense, gram)),
-              "after": float(relative_output_error(_with_bias(new, delta), dense, gram))}
+    zero_w, zero_b = torch.zeros_like(w), torch.zeros(w.shape[0], device=w.device)
+    before_bias = flap_bias(w, inputs.dense_total / inputs.count, ~kept) if compensate else zero_b  # dense means
+    gram = with_target(inputs.gram, inputs.cross, inputs.dense_gram, inputs.total, inputs.dense_total, inputs.count)
+    reference = _row(zero_w, w, zero_b)  # X_d W^T
+    errors = {"before": float(relative_output_error(_row(w * kept, zero_w, before_bias), reference, gram)),
+              "after": float(relative_output_error(_row(new, zero_w, delta), reference, gram))}
     return new, delta, errors
 
 
 def refit_structured(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask, windows: Tensor,
                      how: str, compensate: bool = False, admm_iterations: int = 20, batch_size: int = 8,
                      on_layer: Callable[[dict], None] | None = None) -> list[dict]:
-    """Refit o_proj and down_proj of every layer of `model` (in place, dense shapes) for `mask`;
+    """Refit o_proj and down_proj of every layer of `model` (in place, dense shapes; `model` must
+    arrive dense, its layers are the dense reference as the walk reaches them) for `mask`;
     returns one record per layer: {"layer", "errors": {linear: {"before", "after"}}, "time_s"}."""
-    walk = SequentialInputs(model, adapter, windows, batch_size)
+    walk = SequentialInputs(model, adapter, windows, batch_size, dense_reference=True)
     records = []
     for l in tqdm(range(walk.n_layers), desc=f"refit ({how}) by layer", leave=False):
         start = time.perf_counter()

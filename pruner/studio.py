@@ -47,6 +47,10 @@ def private_copy(loaded: LoadedModel) -> LoadedModel:
     return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
 
 
+class _Stopped(Exception):
+    """Raised between two layers of a layer-by-layer run when Stop was pressed."""
+
+
 class Job:
     """One run of any method in a background thread, with a status the pages can poll.
 
@@ -98,6 +102,8 @@ class Job:
     def _layer_done(self, record: dict) -> None:
         self.layers.append(record)
         self._write()
+        if self._stop_asked and self.pg is None:  # a search's Stop ends the search, then its result is refitted
+            raise _Stopped  # a layer-by-layer run stops between layers, without a model
 
     def info(self) -> dict:
         status = self.status  # before the step: a run seen "paused" has no step in flight, its step is final
@@ -146,6 +152,8 @@ class Job:
                 self._status = "saving"
                 self._save(pruned, result)
                 ended = "finished"
+        except _Stopped:
+            ended = "stopped"
         except Exception as exc:  # noqa: BLE001 - a failed run keeps its reason for the Runs page
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()

@@ -480,3 +480,47 @@ def test_relative_error_with_an_intercept_from_the_augmented_gram():
     zero = torch.zeros(w.shape[0], 1, dtype=F64)
     got = relative_output_error(torch.cat([w_new, bias.unsqueeze(1)], 1), torch.cat([w, zero], 1), g)
     assert float(got) == pytest.approx(error_from_x(w_new, w, x, bias), rel=1e-10)
+
+
+def test_refit_towards_other_inputs_is_the_least_squares_fit_of_their_outputs():
+    """With a cross term the refit fits X_K W'_K^T + b to X_t W^T (X_t: the inputs the original layer
+    saw, e.g. the dense model's): against an explicit least squares with an intercept (no ridge)."""
+    w, x_t = correlated_layer(8)
+    g = generator(9)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=g, dtype=F64) + 0.2  # drifted inputs of the same tokens
+    kept = torch.rand(w.shape[1], generator=g) > 0.4
+    w_kept, bias = refit_kept_columns(w, x.T @ x, x.sum(0), x.shape[0], kept, damp=0.0, cross=x.T @ x_t,
+                                      target_sum=x_t.sum(0))
+    design = torch.cat([x[:, kept], torch.ones(x.shape[0], 1, dtype=F64)], 1)
+    solution = torch.linalg.lstsq(design, x_t @ w.T).solution  # (k + 1, d_out)
+    torch.testing.assert_close(w_kept, solution[:-1].T, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(bias, solution[-1], rtol=1e-7, atol=1e-8)
+    # the input's own outputs as the target: the plain refit
+    plain = refit_kept_columns(w, x.T @ x, x.sum(0), x.shape[0], kept)
+    same = refit_kept_columns(w, x.T @ x, x.sum(0), x.shape[0], kept, cross=x.T @ x, target_sum=x.sum(0))
+    for a, b in zip(plain, same):
+        torch.testing.assert_close(a, b)
+
+
+def test_admm_with_a_cross_term_converges_to_its_least_squares_optimum():
+    w, x_t = correlated_layer(10)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=generator(11), dtype=F64)
+    mask = torch.rand(w.shape, generator=generator(12)) > 0.5
+    got = admm_fixed_mask(w, x.T @ x, mask, iterations=600, damp=0.1, cross=x.T @ x_t)
+    expected = least_squares_on_support(w, x.T @ x, mask, damp=0.1, cross=x.T @ x_t)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    # and the cross term matters: the fit to the other inputs' outputs beats the plain update there
+    plain = least_squares_on_support(w, x.T @ x, mask, damp=0.1)
+    assert error_from_x(expected, w, x) > error_from_x(plain, w, x)  # on its own target the plain one wins
+    target = x_t @ w.T
+    assert (x @ expected.T - target).pow(2).sum() < (x @ plain.T - target).pow(2).sum()
+    # admm_refit_columns with a cross term: the same problem, centred, with its intercept
+    kept = mask[0]
+    n = x.shape[0]
+    w_kept, bias = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept, iterations=600, cross=x.T @ x_t,
+                                      target_sum=x_t.sum(0))
+    mu, mu_t = x.mean(0), x_t.mean(0)
+    centred = x.T @ x - n * torch.outer(mu, mu)
+    direct = least_squares_on_support(w, centred, kept.expand_as(w), damp=0.1, cross=x.T @ x_t - n * torch.outer(mu, mu_t))
+    torch.testing.assert_close(w_kept, direct[:, kept], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(bias, w @ mu_t - direct @ mu, rtol=1e-7, atol=1e-9)

@@ -125,3 +125,51 @@ def test_capture_leaves_the_model_as_it_was():
     assert [type(l) for l in adapter.layers(model)] == [type(l) for l in adapter.layers(before)]
     with torch.no_grad():
         torch.testing.assert_close(model(windows).logits, before(windows).logits, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def direct_inputs(model, adapter, windows, layer):
+    """Every linear's input in `layer` over a full forward: (tokens, d_in) float64 by name."""
+    out, handles = {}, []
+    for name, lin in adapter.decoder_linears(model, layer).items():
+        def hook(module, args, name=name):
+            out[name] = args[0].reshape(-1, args[0].shape[-1]).double()
+        handles.append(lin.register_forward_pre_hook(hook))
+    try:
+        model(windows, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3-mixed"])
+def test_the_dense_stream_gives_cross_moments_with_the_dense_model(arch):
+    """dense_reference: in layer 0 (nothing changed yet) the cross moments are the Gram matrix;
+    after layer 0 is pruned, layer 1's cross moments are X_pruned^T X_dense between a full forward
+    of the pruned model and one of the dense model, and its dense moments are the dense model's."""
+    model = mixed_gemma3() if arch == "gemma3-mixed" else tiny_model(arch)
+    dense = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    windows = windows_for(model, seed=5)
+    walk = SequentialInputs(model, adapter, windows, batch_size=2, dense_reference=True)
+    first = walk.collect(["o_proj"])["o_proj"]
+    torch.testing.assert_close(first.cross, first.gram)
+    torch.testing.assert_close(first.dense_gram, first.gram)
+    torch.testing.assert_close(first.dense_total, first.total)
+    with torch.no_grad():
+        for lin in adapter.decoder_linears(model, 0).values():
+            lin.weight.mul_(torch.rand_like(lin.weight) < 0.5)
+    walk.advance()
+    with torch.no_grad():  # an update inside layer 1 before collecting down_proj's inputs
+        adapter.output_linear(model, 1, "o_proj").weight.mul_(0.5)
+    stats = walk.collect(["q_proj", "down_proj"])
+    pruned_x, dense_x = direct_inputs(model, adapter, windows, 1), direct_inputs(dense, adapter, windows, 1)
+    for name in ("q_proj", "down_proj"):
+        xp, xd = pruned_x[name], dense_x[name]
+        scale = xd.abs().max().item() ** 2
+        torch.testing.assert_close(stats[name].cross, xp.T @ xd, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(stats[name].dense_gram, xd.T @ xd, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(stats[name].gram, xp.T @ xp, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(stats[name].dense_total, xd.sum(0), rtol=1e-5, atol=1e-5 * scale ** 0.5)
+        assert not torch.allclose(stats[name].cross, stats[name].gram, rtol=1e-3)

@@ -163,9 +163,10 @@ def unsliced(dense, pruned, adapter, space, mask):
 @pytest.mark.parametrize("arch, granularity", [("llama", "kv_group"), ("qwen2", "query_head"), ("gemma3", "kv_group")])
 def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weights(tokenizer, how, arch, granularity):
     """masked == sliced after the refit, and every layer's refit is the one its sequential inputs
-    give: the o_proj and down_proj input statistics of the result (a direct full forward) refitted
-    from the dense weights reproduce the saved weights and biases."""
-    from test_sequential import direct_grams
+    give: the o_proj and down_proj inputs of the result X (a direct full forward) and of the dense
+    model X_d (another one), refitted from the dense weights towards the dense outputs X_d W^T
+    (cross term X^T X_d), reproduce the saved weights and biases."""
+    from test_sequential import direct_inputs
     from test_space_masking_slicing import random_mask
 
     from pruner.methods import Selection
@@ -189,21 +190,25 @@ def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weight
     refit = refit_kept_columns if how == "ls" else admm_refit_columns
     records = applied.extra["weight_update"]["per_layer"]
     for l in range(space.n_layers):
-        grams = direct_grams(full, adapter, windows, l)
+        inputs, dense_inputs = direct_inputs(full, adapter, windows, l), direct_inputs(loaded.model, adapter, windows, l)
         for which, kept in zip(("o_proj", "down_proj"), space.kept_inputs(l, mask)):
             dense = adapter.output_linear(loaded.model, l, which)
-            gram, total, count = grams[which]
-            w_kept, delta = refit(dense.weight, gram, total, count, kept)
+            x, x_dense = inputs[which], dense_inputs[which]
+            gram, total, count = x.T @ x, x.sum(0), x.shape[0]
+            w_kept, delta = refit(dense.weight, gram, total, count, kept, cross=x.T @ x_dense,
+                                  target_sum=x_dense.sum(0))
             got = adapter.output_linear(full, l, which)
             old_bias = dense.bias if dense.bias is not None else torch.zeros_like(delta)
             expected = torch.zeros_like(dense.weight)
             expected[:, kept] = w_kept
             # the same outputs on the calibration inputs (the weights themselves may differ a little
-            # along directions the inputs hardly excite: fp32 vs fp64 statistics)
+            # along directions the inputs hardly excite: fp32 vs fp64 statistics, and fp32 rounding of
+            # the two hidden-state streams grows over the layers; fitting the dense layer's own output
+            # on the pruned inputs instead of the dense model's output is off by ~1e-1 here)
             difference = relative_output_error(torch.cat([got.weight, (got.bias - old_bias).unsqueeze(1)], 1),
                                                torch.cat([expected, delta.unsqueeze(1)], 1),
                                                with_intercept(gram, total, count))
-            assert float(difference) < 1e-8, (l, which, float(difference))
+            assert float(difference) < 1e-6, (l, which, float(difference))
             assert (got.weight[:, ~kept] == 0).all()
             if not kept.all():  # a linear with nothing removed is left as it is
                 e = records[l]["errors"][which]
@@ -262,3 +267,16 @@ def test_a_studio_job_counts_layers_and_saves_a_dense_model_with_zeros(tmp_path,
     for l in range(3):
         for linear in saved.adapter.decoder_linears(saved.model, l).values():
             check_pattern(linear.weight, "sparsegpt", 0.5, "2:4")
+
+
+def test_stop_ends_a_layer_by_layer_job_between_layers(tmp_path, tokenizer):
+    from pruner.models import LoadedModel
+    from pruner.studio import MODEL_SUBDIR, Studio
+
+    tiny = tiny_loaded("llama", tokenizer)
+    loaded = LoadedModel(tiny.model, tokenizer, tiny.adapter, "tiny", torch.device("cpu"), torch.float32)
+    job = Studio(tmp_path).start(loaded, PruneConfig(method="wanda", ratio=0.5, **CALIB))
+    job.stop()
+    job.wait(300)
+    assert job.status == "stopped" and len(job.layers) <= 1
+    assert not (tmp_path / job.id / MODEL_SUBDIR).exists()
