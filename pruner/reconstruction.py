@@ -402,19 +402,26 @@ def with_intercept(gram: Tensor, x_sum: Tensor, count: int) -> Tensor:
     return torch.cat([torch.cat([g, s], 1), torch.cat([s.T, corner], 1)], 0)
 
 
-def with_target(gram: Tensor, cross: Tensor, target_gram: Tensor, x_sum: Tensor, target_sum: Tensor,
-                count: int) -> Tensor:
-    """The Gram matrix of [x; x_t; 1] (x_t: the inputs the original layer saw for the same tokens),
+def relative_error_to_target(weight_new: Tensor, bias: Tensor, weight: Tensor, gram: Tensor, cross: Tensor,
+                             target_gram: Tensor, x_sum: Tensor, target_sum: Tensor, count: int) -> Tensor:
+    """A layer's error against the outputs it should match, from moments alone:
 
-        [[G, X^T X_t, s], [X_t^T X, G_t, s_t], [s^T, s_t^T, N]]   (float64, 2 d_in + 1 square),
+        ||X W'^T + 1 b^T - X_t W^T||^2 / ||X_t W^T||^2
 
-    with which `relative_output_error` of [W', 0, b] against [0, W, 0] is
-    ||X W'^T + b - X_t W^T||^2 / ||X_t W^T||^2: a layer's error against the outputs it should match."""
-    dev = gram.device
+    (X: its inputs, X_t: the inputs the original layer saw for the same tokens, e.g. the dense
+    model's), with G = X^T X, C = X^T X_t, G_t = X_t^T X_t, s = sum x, s_t = sum x_t, N = count:
+        ||Y'||^2 = <W' G, W'> + 2 b.(W' s) + N b.b,   <Y', Y> = <W' C, W> + b.(W s_t),
+        ||Y||^2 = <W G_t, W>;   error = (||Y'||^2 - 2 <Y', Y> + ||Y||^2) / ||Y||^2.
+    A 0-dim float64 tensor (the squared ratio, as `relative_output_error`)."""
+    _check_shapes(weight, gram)
+    dev = weight.device
+    w_new, w, b = (_as_f64(t, dev) for t in (weight_new, weight, bias))
     g, c, gt = (_as_f64(t, dev) for t in (gram, cross, target_gram))
-    s, st = _as_f64(x_sum, dev).unsqueeze(1), _as_f64(target_sum, dev).unsqueeze(1)  # (d_in, 1)
-    corner = torch.tensor([[float(count)]], dtype=torch.float64, device=dev)
-    return torch.cat([torch.cat([g, c, s], 1), torch.cat([c.T, gt, st], 1), torch.cat([s.T, st.T, corner], 1)], 0)
+    s, st = _as_f64(x_sum, dev), _as_f64(target_sum, dev)
+    own = ((w_new @ g) * w_new).sum() + 2 * b @ (w_new @ s) + count * b @ b
+    inner = ((w_new @ c) * w).sum() + b @ (w @ st)
+    target = ((w @ gt) * w).sum()
+    return (own - 2 * inner + target).clamp(min=0) / target
 
 
 def _column_indices(columns: Tensor, d_in: int, device: torch.device) -> Tensor:

@@ -19,21 +19,21 @@ it as they are after their own update, as SparseGPT, Wanda and the ADMM weight u
    through the updated attention).
 3. `advance()`: one pass of the updated layer gives the inputs of the next one.
 
-With `dense_reference=True` the walk also follows the dense model: when it reaches a layer it keeps
-a copy of it as it is then (before any update; the layers before it are already updated, so the
-model itself no longer holds the dense network) and runs a second stream of hidden states through
-those dense copies. `collect` then also accumulates, per input, the cross products with the dense
-model's input to the same linear, sum_tokens x x_dense^T, and that input's own moments: what a
-refit needs to match the dense model's outputs rather than the dense layer's response to
-already-changed inputs.
+With `dense_reference=True` the walk also follows the dense model: when it reaches a layer (nothing
+in it updated yet, while the layers before it already are, so the model as a whole no longer is the
+dense network) it runs that layer once on a second stream of hidden states, the dense model's,
+keeping the dense input of each input group and the dense outputs (the next layer's dense inputs).
+`collect` then also accumulates, per input, the cross products with the dense model's input to the
+same linear, sum_tokens x x_dense^T, and that input's own moments: what a refit needs to match the
+dense model's outputs rather than the dense layer's response to already-changed inputs.
 
-Memory: the hidden states of all windows (windows x seqlen x hidden, the model's dtype) twice (four
-times with the dense stream), one layer's copy, and the statistics of one `collect` of one layer.
+Memory: the hidden states of all windows (windows x seqlen x hidden, the model's dtype) twice (three
+times with the dense stream, plus the dense inputs of the current layer's input groups), and the
+statistics of one `collect` of one layer.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -142,13 +142,37 @@ class SequentialInputs:
         self.n_layers = len(self.kwargs)
         self.layer = 0
         self.dense_hidden = list(self.hidden) if dense_reference else None
-        self.dense_layer = self._dense_copy()
+        self._dense_inputs: list[dict[str, Tensor]] = []  # per batch: the dense input of each input group
+        self._dense_arrival()
 
-    def _dense_copy(self) -> nn.Module | None:
-        """The current layer as it is on arrival (nothing updated in it yet), for the dense stream."""
+    @torch.no_grad()
+    def _dense_arrival(self) -> None:
+        """With the dense stream: run the current layer as it is on arrival (nothing in it updated
+        yet, so it is the dense model's layer) once on the dense hidden states, keeping the input of
+        each input group's first linear per batch (for `collect`) and the outputs (for `advance`)."""
         if self.dense_hidden is None or self.layer >= self.n_layers:
-            return None
-        return copy.deepcopy(self.adapter.layers(self.model)[self.layer])
+            return
+        l = self.layer
+        layer = self.adapter.layers(self.model)[l]
+        linears = self.adapter.decoder_linears(self.model, l)
+        self._dense_inputs = [{} for _ in self.dense_hidden]
+        batch = [0]
+        handles = []
+
+        def keep(group):
+            return lambda module, args: self._dense_inputs[batch[0]].__setitem__(group, args[0].detach())
+
+        try:
+            for group in self.adapter.input_groups(self.model, l):
+                handles.append(linears[group[0]].register_forward_pre_hook(keep(group[0])))
+            outputs = []
+            for b, hidden in enumerate(self.dense_hidden):
+                batch[0] = b
+                outputs.append(self.adapter.run_layer(layer, hidden, self.kwargs[l][b]))
+        finally:
+            for h in handles:
+                h.remove()
+        self.dense_hidden = outputs  # the dense model's inputs of the next layer
 
     def _check(self) -> None:
         if self.layer >= self.n_layers:
@@ -163,17 +187,15 @@ class SequentialInputs:
         layer = self.adapter.layers(self.model)[l]
         linears = self.adapter.decoder_linears(self.model, l)
         wanted = set(linears) if names is None else set(names) & set(linears)
-        path = {id(module): name for name, module in layer.named_modules()}
-        dense_modules = dict(self.dense_layer.named_modules()) if self.dense_layer is not None else {}
+        with_dense = self.dense_hidden is not None
         stats: dict[str, InputGram] = {}
-        dense_inputs: dict[str, Tensor] = {}  # per group, the dense input of the batch in flight
+        batch = [0]
         handles = []
 
-        def keep_dense(group):
-            return lambda module, args: dense_inputs.__setitem__(group, args[0])
-
-        def accumulate(group, acc):
-            return lambda module, args: acc.add(args[0], dense_inputs.get(group))
+        def accumulate(first, acc):
+            if not with_dense:
+                return lambda module, args: acc.add(args[0])
+            return lambda module, args: acc.add(args[0], self._dense_inputs[batch[0]][first])
 
         try:
             for group in self.adapter.input_groups(self.model, l):
@@ -181,16 +203,12 @@ class SequentialInputs:
                 if not members:
                     continue
                 first = linears[group[0]]
-                acc = InputGram.empty(first.in_features, first.weight.device, with_dense=bool(dense_modules))
+                acc = InputGram.empty(first.in_features, first.weight.device, with_dense=with_dense)
                 stats.update({n: acc for n in members})
-                handles.append(first.register_forward_pre_hook(accumulate(group, acc)))
-                if dense_modules:
-                    handles.append(dense_modules[path[id(first)]].register_forward_pre_hook(keep_dense(group)))
+                handles.append(first.register_forward_pre_hook(accumulate(group[0], acc)))
             for b, hidden in enumerate(self.hidden):
-                if dense_modules:
-                    self.adapter.run_layer(self.dense_layer, self.dense_hidden[b], self.kwargs[l][b])
+                batch[0] = b
                 self.adapter.run_layer(layer, hidden, self.kwargs[l][b])
-                dense_inputs.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -203,9 +221,6 @@ class SequentialInputs:
         l = self.layer
         layer = self.adapter.layers(self.model)[l]
         self.hidden = [self.adapter.run_layer(layer, h, self.kwargs[l][b]) for b, h in enumerate(self.hidden)]
-        if self.dense_hidden is not None:
-            self.dense_hidden = [self.adapter.run_layer(self.dense_layer, h, self.kwargs[l][b])
-                                 for b, h in enumerate(self.dense_hidden)]
         self.kwargs[l] = []  # no longer needed
         self.layer += 1
-        self.dense_layer = self._dense_copy()
+        self._dense_arrival()  # the dense stream's outputs of layer l are already in dense_hidden

@@ -37,17 +37,12 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .errors import PrunerError
-from .reconstruction import admm_refit_columns, refit_kept_columns, relative_output_error, with_target
+from .reconstruction import admm_refit_columns, refit_kept_columns, relative_error_to_target
 from .scores import flap_bias
 from .sequential import InputGram, SequentialInputs
 from .space import Mask, PruningSpace
 
 REFITS = ("ls", "admm")
-
-
-def _row(*parts: Tensor) -> Tensor:
-    """[W1 | W2 | ... | b] as one float64 matrix (a 1-D part becomes a column)."""
-    return torch.cat([t.double() if t.dim() == 2 else t.double().unsqueeze(1) for t in parts], 1)
 
 
 @torch.no_grad()
@@ -66,12 +61,11 @@ def refit_linear(linear: nn.Linear, inputs: InputGram, kept: Tensor, how: str, c
                      else admm_refit_columns(*args, iterations=admm_iterations, **target))
     new = torch.zeros_like(w)
     new[:, kept] = w_kept
-    zero_w, zero_b = torch.zeros_like(w), torch.zeros(w.shape[0], device=w.device)
+    zero_b = torch.zeros(w.shape[0], device=w.device)
     before_bias = flap_bias(w, inputs.dense_total / inputs.count, ~kept) if compensate else zero_b  # dense means
-    gram = with_target(inputs.gram, inputs.cross, inputs.dense_gram, inputs.total, inputs.dense_total, inputs.count)
-    reference = _row(zero_w, w, zero_b)  # X_d W^T
-    errors = {"before": float(relative_output_error(_row(w * kept, zero_w, before_bias), reference, gram)),
-              "after": float(relative_output_error(_row(new, zero_w, delta), reference, gram))}
+    moments = (w, inputs.gram, inputs.cross, inputs.dense_gram, inputs.total, inputs.dense_total, inputs.count)
+    errors = {"before": float(relative_error_to_target(w * kept, before_bias, *moments)),
+              "after": float(relative_error_to_target(new, delta, *moments))}
     return new, delta, errors
 
 

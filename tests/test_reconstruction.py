@@ -14,6 +14,7 @@ from pruner.reconstruction import (
     least_squares_on_support,
     ramp_sparsity,
     refit_kept_columns,
+    relative_error_to_target,
     relative_output_error,
     sparsegpt_prune,
     with_intercept,
@@ -524,3 +525,20 @@ def test_admm_with_a_cross_term_converges_to_its_least_squares_optimum():
     direct = least_squares_on_support(w, centred, kept.expand_as(w), damp=0.1, cross=x.T @ x_t - n * torch.outer(mu, mu_t))
     torch.testing.assert_close(w_kept, direct[:, kept], rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(bias, w @ mu_t - direct @ mu, rtol=1e-7, atol=1e-9)
+
+
+def test_error_to_another_target_from_moments_equals_the_explicit_one():
+    """relative_error_to_target: ||X W'^T + b - X_t W^T||^2 / ||X_t W^T||^2 from G, X^T X_t, G_t and
+    the sums, against the explicit inputs; with X_t = X and b = 0 it is relative_output_error."""
+    w, x_t = correlated_layer(13)
+    g = generator(14)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=g, dtype=F64) + 0.1
+    w_new = w * (torch.rand(w.shape, generator=g) > 0.5)
+    bias = torch.randn(w.shape[0], generator=g, dtype=F64)
+    got = relative_error_to_target(w_new, bias, w, x.T @ x, x.T @ x_t, x_t.T @ x_t, x.sum(0), x_t.sum(0), x.shape[0])
+    target = x_t @ w.T
+    want = ((x @ w_new.T + bias - target).pow(2).sum() / target.pow(2).sum()).item()
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    zero = torch.zeros(w.shape[0], dtype=F64)
+    same = relative_error_to_target(w_new, zero, w, x.T @ x, x.T @ x, x.T @ x, x.sum(0), x.sum(0), x.shape[0])
+    assert float(same) == pytest.approx(float(relative_output_error(w_new, w, x.T @ x)), rel=1e-10)
