@@ -13,10 +13,13 @@ feeds it for the same tokens and the cross products X^T X_d. A refit solves
     min ||X_K W'_K^T + 1 b^T - X_d W^T||^2
 over the kept columns K and an intercept b (pruner.reconstruction): "ls" directly
 (`refit_kept_columns`, ridge towards W_K), "admm" by the paper's fixed-mask iterations
-(`admm_refit_columns`), both with the cross term. So a layer also corrects what the earlier
+(`admm_refit_columns`), both with the cross term. So a layer may also correct what the earlier
 pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
-changed inputs (target X W^T), which let the errors add up over depth (FLAP at 0.4 on the
-embedded model: 572 -> 721 test perplexity with that target; bench/results/unstructured*.md).
+changed inputs (target X W^T). Neither target has yet been shown to beat FLAP's own bias on the
+embedded model: with few calibration tokens the refit overfits them (FLAP at 0.4, 16 windows of
+128 tokens: 584 without, 7503 with ls, 1258 with admm; the X W^T target with 64 windows: 572 ->
+721; bench/results/unstructured_cpu_flap.md, unstructured_smoke.md). Choosing the calibration
+size and damping on validation data is open.
 The removed columns become zero and b is added to the layer's bias, so a sublayer with nothing
 kept keeps its mean output W mu_d as a bias. The model keeps its dense shapes (masked == sliced:
 slicing it afterwards drops the zero columns and gives the same logits).
