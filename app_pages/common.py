@@ -9,17 +9,16 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pruner import views
-from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import perplexity
 from pruner.models import load_model
 from pruner.studio import Studio
-from pruner.windows import eval_windows, tokenize
+from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS
+from pruner.windows import corpus_windows
 
-DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "kv_group"}
+DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
 CHART_HEIGHT = 300
-EVAL_SEQLEN, EVAL_WINDOWS = 128, 16  # the studio's validation perplexity: the PG runs' default eval windows
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...", max_entries=6)
@@ -59,7 +58,8 @@ def load_for_run(spec: str):
 
 
 def validation_windows(loaded, data: str):
-    return eval_windows(tokenize(loaded.tokenizer, load_text(data, "validation")), EVAL_SEQLEN, EVAL_WINDOWS)
+    """The What-if queue's validation windows (the PG runs' default evaluation windows)."""
+    return corpus_windows(loaded.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
 
 
 @st.cache_data(show_spinner=False)

@@ -6,10 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import cached_model, choices, current_model, show_error, studio
-from pruner.corpus import load_text
 from pruner.errors import PrunerError
 from pruner.evaluate import decode_tokens_per_s, generate, perplexity, prefill_latency, total_params
-from pruner.windows import eval_windows, tokenize
+from pruner.windows import corpus_windows
 
 st.title("Compare")
 st.caption("The dense model and a pruned one on the same prompt (greedy decoding), then their size, "
@@ -44,7 +43,7 @@ def stream(model, tokenizer, text: str, n: int):
 @st.cache_data(show_spinner=False, max_entries=16)
 def measure(spec: str, device: str, dtype: str, data: str) -> dict:
     loaded = cached_model(spec, device, dtype)
-    windows = eval_windows(tokenize(loaded.tokenizer, load_text(data, "validation")), 128, 16)
+    windows = corpus_windows(loaded.tokenizer, data, "validation", 128, 16)
     return {"parameters": total_params(loaded.model), "perplexity": perplexity(loaded.model, windows)["ppl"],
             "prefill latency (ms, 1x128)": 1000 * prefill_latency(loaded.model, 128),
             "decode tokens/s": decode_tokens_per_s(loaded.model)}

@@ -88,8 +88,9 @@ cols[1].metric("Decoder-linear parameters", f"{summary['decoder_linear_params'] 
 cols[2].metric("Prunable units", f"{summary['units']['head_units']} heads · {summary['units']['channel_units']} channels")
 
 space = PruningSpace.from_model(loaded.model, loaded.adapter, c["granularity"])
-st.markdown(f"**Prunable units at granularity `{c['granularity']}`** — parameters removed with each unit "
-            "(weights and biases):")
+chosen = f"`{c['granularity']}` (here: `{space.granularity}`)" if c["granularity"] == "auto" else f"`{space.granularity}`"
+st.markdown(f"**Prunable units at granularity {chosen}** — parameters removed with each unit (weights and biases). "
+            + " · ".join(f"`{g}`: {text}" for g, text in summary["attention_unit_by_granularity"].items()))
 st.dataframe(pd.DataFrame([{
     "layer": l, "query heads": s.n_q, "kv heads": s.n_kv, "MLP channels": s.d_ff,
     "head units": space.n_head_units(l), "params per head unit": space.head_unit_cost(l),

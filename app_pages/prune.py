@@ -167,9 +167,9 @@ def run_state() -> dict:
     if job is not None:
         info = job.info()
         history = job.history()
-        current = None
-        if job.pg is not None:
-            current = per_layer_report(job.pg.space, job.pg.current_mask())
+        current, pg = None, job.pg  # read once: an ending job lets go of its search
+        if pg is not None:
+            current = per_layer_report(pg.space, pg.current_mask())
         return {"info": info, "history": history, "per_layer": current, "report": job.report, "live": job.is_alive,
                 "layers": list(job.layers)}
     run_dir = manager.folder(run_id)

@@ -1,108 +1,162 @@
-"""What-if: prune by a metric in seconds at any ratio, with or without a reconstruction; sweep
-perplexity vs ratio with the saved runs (searches, unstructured / N:M, reconstructions) overlaid."""
+"""What-if: prune by a metric in seconds at any ratio; sweep perplexity vs ratio, PG runs overlaid.
+
+The page never prunes: it hands what it wants to show to the studio's What-if queue (one computation
+at a time, a newer change replaces queued ones, none while a run is going) and polls for the results.
+"""
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import (EVAL_SEQLEN, EVAL_WINDOWS, choices, current_model, dense_ppl, layer_errors_figure,
-                              layers_figure, saved_model_ppl, show_error, studio, validation_windows)
+from app_pages.common import POLL_SECONDS, choices, current_model, layer_errors_figure, layers_figure, studio
 from pruner import views
-from pruner.config import RECONSTRUCT, PruneConfig
-from pruner.errors import PrunerError
-from pruner.evaluate import perplexity
-from pruner.prune import prune
+from pruner.config import RECONSTRUCT
+from pruner.space import GRANULARITIES
+from pruner.whatif import CALIB_WINDOWS, EVAL_SEQLEN, EVAL_WINDOWS, WhatIf, describe_state
 
 st.title("What-if")
 st.caption("What happens if I prune this model by 30%? By 50%? A metric method answers in seconds "
-           "(calibration statistics are computed once per model and reused); a reconstruction refits the kept "
-           f"weights layer by layer and takes longer. Perplexity on {EVAL_WINDOWS} validation windows of "
-           f"{EVAL_SEQLEN} tokens, the same windows the policy-gradient runs evaluate on by default.")
+           f"(calibration statistics on {CALIB_WINDOWS} windows are computed once per model and reused). "
+           f"Perplexity on {EVAL_WINDOWS} validation windows of {EVAL_SEQLEN} tokens, the same windows the "
+           "policy-gradient runs evaluate on by default. One computation at a time, in the background; "
+           "a newer change replaces the ones still queued.")
 c = choices()
 loaded = current_model()
-CALIB_WINDOWS = 32
-METRIC_METHODS = ["flap", "wanda-sp", "magnitude"]
+manager = studio()
+queue = manager.whatif
+METRIC_METHODS = ["flap", "wanda-sp", "taylor", "magnitude"]
+SWEEP_GRANULARITY = "auto"
+model_key = (c["model_spec"], c["device"], c["dtype"])
 
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def prune_and_measure(spec: str, device: str, dtype: str, data: str, method: str, ratio: float, granularity: str,
-                      reconstruct: str = "none") -> dict:
-    """Perplexity and per-layer report of one metric pruning (cached per setting)."""
-    model = current_model()
-    config = PruneConfig(method=method, ratio=ratio, granularity=granularity, data=data, calib_windows=CALIB_WINDOWS,
-                         reconstruct=reconstruct)
-    pruned, _, report = prune(model, config)
-    return {"ppl": perplexity(pruned, validation_windows(model, data))["ppl"], "achieved_ratio": report["achieved_ratio"],
-            "per_layer": report["per_layer"], "wall_time_s": report["wall_time_s"],
-            "layer_errors": report.get("weight_update", {}).get("per_layer", [])}
-
-
-key = (c["model_spec"], c["device"], c["dtype"], c["data"])
 cols = st.columns([1, 3, 1, 1])
 method = cols[0].selectbox("Metric", METRIC_METHODS)
 ratio = cols[1].slider("Ratio", 0.05, 0.8, 0.3, 0.05, help="Fraction of decoder-linear parameters removed")
-granularity = cols[2].selectbox("Granularity", ["kv_group", "query_head", "block"])
+granularity = cols[2].selectbox("Granularity", GRANULARITIES)
 reconstruct = cols[3].selectbox("Reconstruct", RECONSTRUCT,
                                 help="Refit the kept columns of o_proj and down_proj and their bias layer by layer "
-                                     "after the mask is chosen: ls (least squares) or admm (ADMM fixed-mask update)")
-try:
-    with st.spinner(f"Pruning with {method} at {ratio:.2f}"
-                    + (f", reconstructing by {reconstruct}" if reconstruct != "none" else "")
-                    + " (the first time also calibrates)..."):
-        result = prune_and_measure(*key, method, ratio, granularity, reconstruct)
-        base = dense_ppl(*key)
-except PrunerError as exc:
-    show_error(exc)
-    st.stop()
-cols = st.columns(4)
-cols[0].metric("Perplexity", f"{result['ppl']:.1f}", delta=f"{result['ppl'] / base:.2f}x dense", delta_color="off")
-cols[1].metric("Dense perplexity", f"{base:.1f}")
-cols[2].metric("Achieved ratio", f"{result['achieved_ratio']:.3f}")
-cols[3].metric("Pruning time", f"{result['wall_time_s']:.1f} s")
-with st.container(key="whatif_layers"):
-    st.plotly_chart(layers_figure(result["per_layer"], f"Per-layer kept fraction ({method}, ratio {ratio:.2f})"),
-                    width="stretch")
-if result["layer_errors"]:
-    with st.container(key="whatif_errors"):
-        st.plotly_chart(layer_errors_figure(result["layer_errors"], f"Per-layer relative output error, {reconstruct} "
-                                            "reconstruction"), width="stretch")
+                                     "after the mask is chosen: ls (least squares) or admm (ADMM fixed-mask update); "
+                                     "slower than the metric alone")
+current = WhatIf.pruning(*model_key, c["data"], method, ratio, granularity, reconstruct)
+dense = WhatIf.dense(*model_key, c["data"])
+result_box = st.container()
 
 st.subheader("Sweep: perplexity vs ratio")
 cols = st.columns([3, 2, 1])
 methods = cols[0].multiselect("Methods", METRIC_METHODS, ["flap", "wanda-sp"])
-ratios = cols[1].multiselect("Ratios", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5])
-if cols[2].button("Run sweep", type="primary") or st.session_state.get("sweep_done") == (key, methods, ratios,
-                                                                                        reconstruct):
+ratios = sorted(cols[1].multiselect("Ratios", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5]))
+sweep_key = (model_key, c["data"], tuple(methods), tuple(ratios), reconstruct)
+if cols[2].button("Run sweep", type="primary", disabled=not (methods and ratios)):
+    st.session_state["sweep"] = sweep_key
+sweeping = st.session_state.get("sweep") == sweep_key
+sweep_box = st.container()
+sweep = {m: [WhatIf.pruning(*model_key, c["data"], m, r, SWEEP_GRANULARITY, reconstruct) for r in ratios]
+         for m in methods} \
+    if sweeping else {}
+saved_runs = [info for info in (manager.runs() if sweeping else [])  # searches, unstructured / N:M, reconstructed
+              if info.get("has_model") and views.run_kind(info.get("settings", {})) != "metric"
+              and info["settings"].get("model") == c["model_spec"] and info["settings"].get("data") == c["data"]]
+pg_points = [(info["settings"]["ratio"], f"{views.run_label(info['settings'])} · {info['id']}",
+              WhatIf.saved(info["dir"] + "/model", c["device"], c["dtype"], c["data"]), views.run_kind(info["settings"]))
+             for info in saved_runs]
+wanted = [current, dense] + [w for points in sweep.values() for w in points] + [w for _, _, w, _ in pg_points]
+queue.submit(wanted, loaded)
+
+
+def working() -> None:
+    """What the queue does now, in words: the page's visible "working" state."""
+    with st.container(key="whatif_working"):
+        st.info(describe_state(queue.state()), icon=":material/hourglass_top:")
+
+
+def known(requests) -> bool:
+    return all(queue.result(w) is not None for w in requests)
+
+
+def show_result() -> None:
+    """Metrics and per-layer chart of the current setting, or what the queue is doing meanwhile."""
+    result, base = queue.result(current), queue.result(dense)
+    if result is None:
+        st.caption(f"Working on {current.describe()}...")
+        working()
+        return
+    if "error" in result:
+        st.error(result["error"])
+        return
+    ppl_base = base.get("ppl") if base else None
+    cols = st.columns(4)
+    cols[0].metric("Perplexity", f"{result['ppl']:.1f}",
+                   delta=f"{result['ppl'] / ppl_base:.2f}x dense" if ppl_base else None, delta_color="off")
+    cols[1].metric("Dense perplexity", f"{ppl_base:.1f}" if ppl_base else ("error" if base else "..."))
+    cols[2].metric("Achieved ratio", f"{result['achieved_ratio']:.3f}")
+    cols[3].metric("Pruning time", f"{result['wall_time_s']:.1f} s")
+    if base and "error" in base:
+        st.error(base["error"])
+    with st.container(key="whatif_layers"):
+        st.plotly_chart(layers_figure(result["per_layer"],
+                                      f"Per-layer kept fraction ({method}, ratio {ratio:.2f}, {granularity})"),
+                        width="stretch")
+    if result.get("layer_errors"):
+        with st.container(key="whatif_errors"):
+            st.plotly_chart(layer_errors_figure(result["layer_errors"], f"Per-layer relative output error, "
+                                                f"{reconstruct} reconstruction"), width="stretch")
+
+
+SWEEP_NEEDED = [w for points in sweep.values() for w in points] + [w for _, _, w, _ in pg_points] + [dense]
+
+
+def show_sweep() -> None:
+    """The sweep chart once every point is known, else its progress and what the queue is doing."""
+    if not sweeping:
+        return
+    results = {w: queue.result(w) for w in SWEEP_NEEDED}
+    missing = sum(r is None for r in results.values())
+    if missing:
+        st.progress(1 - missing / len(SWEEP_NEEDED), text=f"sweep: {len(SWEEP_NEEDED) - missing} / "
+                                                           f"{len(SWEEP_NEEDED)} points")
+        working()
+        return
+    for error in sorted({r["error"] for r in results.values() if "error" in r}):
+        st.error(error)
     fig = go.Figure()
-    bar = st.progress(0.0, text="sweeping...")
-    total, done = len(methods) * len(ratios), 0
     suffix = f" + {reconstruct}" if reconstruct != "none" else ""
-    for m in methods:
-        points = []
-        for r in sorted(ratios):
-            points.append((r, prune_and_measure(*key, m, r, "kv_group", reconstruct)["ppl"]))
-            done += 1
-            bar.progress(done / total, text=f"{m}{suffix} at {r}")
-        fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", name=m + suffix)
-    bar.empty()
-    saved = {}  # kind of run -> (ratio, perplexity, label) of every saved run of this model and corpus
-    for info in studio().runs():
-        s = info.get("settings", {})
-        kind = views.run_kind(s)
-        if info.get("has_model") and kind != "metric" and s.get("model") == c["model_spec"] and s.get("data") == c["data"]:
-            saved.setdefault(kind, []).append((s["ratio"], saved_model_ppl(info["dir"] + "/model", *key[1:]),
-                                               f"{views.run_label(s)} · {info['id']}"))
+    for m, points in sweep.items():
+        ok = [(w.ratio, results[w]["ppl"]) for w in points if "ppl" in results[w]]
+        fig.add_scatter(x=[p[0] for p in ok], y=[p[1] for p in ok], mode="lines+markers", name=m + suffix)
     symbols = {"pg": "star", "unstructured / N:M": "diamond", "reconstructed": "x"}
-    for kind, points in saved.items():
-        fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", name=f"{kind} runs",
-                        text=[p[2] for p in points], marker=dict(size=12, symbol=symbols.get(kind, "circle")))
-    # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
-    fig.add_scatter(x=[min(ratios), max(ratios)], y=[base, base], mode="lines", name="dense",
-                    line=dict(dash="dot", color="grey"))
+    for kind in dict.fromkeys(k for _, _, _, k in pg_points):
+        stars = [(r, results[w]["ppl"], label) for r, label, w, k in pg_points if k == kind and "ppl" in results[w]]
+        if stars:
+            name = "pg runs" if kind == "pg" else f"{kind} runs"
+            fig.add_scatter(x=[p[0] for p in stars], y=[p[1] for p in stars], mode="markers", name=name,
+                            text=[p[2] for p in stars], marker=dict(size=12, symbol=symbols.get(kind, "circle")))
+    if "ppl" in results[dense]:
+        # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
+        fig.add_scatter(x=[min(ratios), max(ratios)], y=[results[dense]["ppl"]] * 2, mode="lines", name="dense",
+                        line=dict(dash="dot", color="grey"))
     fig.update_yaxes(type="log", exponentformat="power")
     fig.update_layout(height=380, xaxis_title="ratio", yaxis_title="validation perplexity",
                       margin=dict(l=10, r=10, t=30, b=10))
-    st.session_state["sweep_done"] = (key, methods, ratios, reconstruct)
     with st.container(key="sweep_chart"):
         st.plotly_chart(fig, width="stretch")
-        st.caption("Saved runs of the Prune page are overlaid. For unstructured / N:M runs the ratio is the fraction "
-                   "of weights set to zero (the model keeps its size); for the others, of parameters removed.")
+
+
+def polled(show, needed: list) -> None:
+    """Draw `show`; while results in `needed` are missing, redraw it every POLL_SECONDS in a fragment
+    (which re-submits the page's wish list, so a page another session superseded gets its turn again),
+    and rerun the whole page once they are all in, which ends the polling."""
+    if known(needed):
+        show()
+        return
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def live():
+        queue.submit(wanted, loaded)
+        show()
+        if known(needed):
+            st.rerun()
+    live()
+
+
+with result_box:
+    polled(show_result, [current, dense])
+with sweep_box:
+    polled(show_sweep, SWEEP_NEEDED if sweeping else [])

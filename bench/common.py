@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,8 @@ def environment() -> dict:
 
 
 def command() -> str:
-    return " ".join([Path(sys.executable).name if "python" in sys.executable else sys.executable, "-m",
-                     "bench." + Path(sys.argv[0]).stem, *sys.argv[1:]])
+    """The command line that produced a result, quoted so it can be pasted back into a shell."""
+    return shlex.join(["python", "-m", "bench." + Path(sys.argv[0]).stem, *sys.argv[1:]])
 
 
 def markdown_table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:
@@ -60,3 +61,82 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     md_path.write_text(f"{markdown}\n\nCommand: `{payload['command']}`  \n"
                        f"Environment: {json.dumps(payload['environment'])}\n")
     return json_path, md_path
+
+
+def _worker(init, work, jobs, results) -> None:
+    """A pool process: `init()` once (e.g. load the model), then `work(state, job)` for each job."""
+    state = init()
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        try:
+            results.put(("row", work(state, job)))
+        except Exception as exc:  # noqa: BLE001 - one failed job is reported, the others go on
+            import traceback
+
+            results.put(("error", {"job": job, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}))
+
+
+def run_jobs(jobs: list[dict], init, work, workers: int = 1, on_row=None, deadline_s: float | None = None) -> list[dict]:
+    """Run `work(state, job)` for every job, in `workers` processes (spawned; each runs `init()`
+    once) or inline when workers == 1. `on_row(rows)` after each result (to save partial results).
+    Jobs not started before `deadline_s` seconds are skipped (and named in the log)."""
+    rows: list[dict] = []
+    start = time.time()
+    if workers <= 1:
+        state = init()
+        for job in jobs:
+            if deadline_s is not None and time.time() - start > deadline_s:
+                print(f"deadline: skipped {job}", flush=True)
+                continue
+            rows.append(work(state, job))
+            if on_row:
+                on_row(rows)
+        return rows
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(init, work, queue, results), daemon=True) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    pending = list(jobs)
+    in_flight = 0
+    for _ in range(min(workers, len(pending))):
+        queue.put(pending.pop(0))
+        in_flight += 1
+    import queue as queues
+
+    while in_flight:
+        try:
+            kind, item = results.get(timeout=5)
+        except queues.Empty:
+            if not any(p.is_alive() for p in procs):
+                print("every worker died: giving up on the remaining jobs", flush=True)
+                break
+            continue
+        in_flight -= 1
+        if kind == "row":
+            rows.append(item)
+            if on_row:
+                on_row(rows)
+        else:
+            print(f"job failed: {item['job']}: {item['error']}\n{item['trace']}", flush=True)
+        if pending and (deadline_s is None or time.time() - start <= deadline_s):
+            queue.put(pending.pop(0))
+            in_flight += 1
+    for job in pending:
+        print(f"deadline: skipped {job}", flush=True)
+    for _ in procs:
+        queue.put(None)
+    for p in procs:
+        p.join(timeout=30)
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0

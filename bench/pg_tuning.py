@@ -1,70 +1,147 @@
-"""What the policy-gradient search needs on a small model: a grid over its knobs at one ratio.
+"""Which policy-gradient setting to make the default: an ablation judged on the VALIDATION split.
 
-Each row is one PG run (from the given init) and the test perplexity of its sliced model,
-beside the metric baselines at the same ratio.
+Each variant changes one thing (or a combination) against the base setting; every variant runs
+with several seeds; the one with the lowest mean log validation perplexity (Brown validation, all
+windows of 128 tokens) is `chosen` and written into the results, for `bench.quality --pg-from`.
+The test split is never read here.
 
-    .venv/bin/python -m bench.pg_tuning --ratio 0.3 --grid '{"lr": [0.02, 0.1], "steps": [500]}'
+    python -m bench.pg_tuning --ratios 0.4 --seeds 0 1 --workers 12 \\
+        --base '{"steps": 1000, "batch_size": 8}' --name pg_tuning_gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
+import functools
 import json
+import math
 import time
 
-from bench.common import markdown_table, write_results
-from bench.quality import METRICS, evaluate
-from pruner.corpus import load_text
-from pruner.models import load_model
-from pruner.config import PruneConfig
-from pruner.pg.config import PGConfig
-from pruner.prune import prune
-from pruner.windows import tokenize
+import torch
+
+from bench.common import markdown_table, mean_std, run_jobs, write_results
+
+# name -> PGConfig overrides on top of the base. "reference" is the paper's recipe (its estimator,
+# moving baseline, separate budgets) with this project's FLAP start and bias compensation.
+VARIANTS = {
+    "reference": {},
+    "joint budget": {"budget": "joint"},
+    "leave-one-out": {"baseline": "loo"},
+    "exact estimator": {"estimator": "exact"},
+    "K=4, half the steps": {"samples": 4, "steps": 0.5},
+    "twice the steps": {"steps": 2.0},
+    "lr x3": {"lr": 3.0},
+    "lr /3": {"lr": 1 / 3},
+    "init wanda-sp": {"init_metric": "wanda-sp"},
+    "init taylor": {"init_metric": "taylor"},
+    "no bias compensation": {"bias_compensation": False},
+    "joint + leave-one-out": {"budget": "joint", "baseline": "loo"},
+    "joint + leave-one-out + lr x3": {"budget": "joint", "baseline": "loo", "lr": 3.0},
+}
+SCALED = ("steps", "lr")  # variant values for these multiply the base value
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--data", default="brown")
-    ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--max-windows", type=int, default=None)
-    ap.add_argument("--granularity", default="kv_group")
-    ap.add_argument("--base", default="{}", help="JSON of PGConfig fields shared by all runs")
-    ap.add_argument("--grid", default='{"lr": [0.02, 0.1]}', help="JSON: PGConfig field -> list of values")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.4])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--base", default="{}", help="JSON of PGConfig overrides shared by every variant")
+    ap.add_argument("--granularity", default="auto")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--val-windows", type=int, default=None, help="validation windows (default: all)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--deadline-s", type=float, default=None)
     ap.add_argument("--name", default="pg_tuning")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
-    loaded = load_model(args.model, device=args.device, dtype="fp32")
-    test_ids = tokenize(loaded.tokenizer, load_text(args.data, "test"))
-    max_windows = {args.seqlen: args.max_windows} if args.max_windows else {}
-    base = dict(ratio=args.ratio, granularity=args.granularity, data=args.data)
-    rows = []
-    for method in METRICS:
-        t0 = time.perf_counter()
-        pruned, _, report = prune(loaded, PruneConfig(method=method, **base))
-        rows.append({"run": method, "wall_time_s": time.perf_counter() - t0,
-                     **evaluate(pruned, test_ids, [args.seqlen], max_windows)})
-        print(rows[-1], flush=True)
-    grid = json.loads(args.grid)
-    for values in itertools.product(*grid.values()):
-        knobs = {**json.loads(args.base), **dict(zip(grid, values))}
-        pg = PGConfig(**knobs)
-        t0 = time.perf_counter()
-        pruned, _, report = prune(loaded, PruneConfig(method="pg", pg=pg, **base))
-        rows.append({"run": "pg " + json.dumps(knobs), "wall_time_s": time.perf_counter() - t0,
-                     "final_val_ppl": report["pg"]["validation_ppl"][-1]["ppl"],
-                     **evaluate(pruned, test_ids, [args.seqlen], max_windows)})
-        print(rows[-1], flush=True)
-    key = f"ppl@{args.seqlen}"
-    md = (f"### Policy-gradient settings at ratio {args.ratio} ({args.model}, {args.data} test, seqlen {args.seqlen})\n\n"
-          + markdown_table(rows, ["run", key, "final_val_ppl", "wall_time_s"],
-                           {key: "{:.2f}", "final_val_ppl": "{:.2f}", "wall_time_s": "{:.1f}"}))
-    write_results(args.name, {"rows": rows, "args": vars(args),
-                              "pg_defaults": dataclasses.asdict(PGConfig())}, md)
+
+def variant_config(base: dict, overrides: dict) -> dict:
+    """The PGConfig fields of a variant: scaled knobs multiply the base, others replace it."""
+    from pruner.pg.config import PGConfig
+
+    full = dataclasses.asdict(PGConfig(**base))
+    for key, value in overrides.items():
+        if key in SCALED:
+            full[key] = type(full[key])(full[key] * value) if key == "steps" else full[key] * value
+        else:
+            full[key] = value
+    return full
+
+
+def load_state(model: str, device: str, workers: int) -> dict:
+    from pruner.models import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, workers)))
+    return {"loaded": load_model(model, device=device, dtype="fp32"), "windows": None}
+
+
+def do_job(state, job: dict) -> dict:
+    from pruner.config import PruneConfig
+    from pruner.evaluate import perplexity
+    from pruner.pg.config import PGConfig
+    from pruner.prune import prune
+    from pruner.windows import corpus_windows
+
+    loaded = state["loaded"]
+    if state["windows"] is None:
+        state["windows"] = corpus_windows(loaded.tokenizer, job["data"], "validation", 128, job["val_windows"])
+    t0 = time.perf_counter()
+    config = PruneConfig(method="pg", ratio=job["ratio"], granularity=job["granularity"], data=job["data"],
+                         seed=job["seed"], calib_windows=job["calib_windows"], pg=PGConfig(**job["pg"]))
+    pruned, _, report = prune(loaded, config)
+    row = {k: job[k] for k in ("variant", "ratio", "seed")} | {
+        "val_ppl@128": perplexity(pruned, state["windows"], batch_size=64)["ppl"],
+        "achieved_ratio": report["achieved_ratio"], "wall_time_s": time.perf_counter() - t0,
+        "search_curve": report["pg"]["validation_ppl"]}
+    print(json.dumps({k: v for k, v in row.items() if k != "search_curve"}), flush=True)
+    return row
+
+
+def summarize(rows, args) -> tuple[list[dict], str | None]:
+    table = []
+    for variant in args.variants:
+        for ratio in args.ratios:
+            vals = [r["val_ppl@128"] for r in rows if r["variant"] == variant and r["ratio"] == ratio]
+            if vals:
+                mean, std = mean_std(vals)
+                table.append({"variant": variant, "ratio": ratio, "seeds": len(vals), "val_ppl@128": mean,
+                              "std": std, "log_mean": sum(math.log(v) for v in vals) / len(vals)})
+    scores = {}
+    for variant in args.variants:
+        logs = [e["log_mean"] for e in table if e["variant"] == variant]
+        if len(logs) == len(args.ratios):
+            scores[variant] = sum(logs) / len(logs)
+    return table, (min(scores, key=scores.get) if scores else None)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    base = json.loads(args.base)
+    configs = {v: variant_config(base, VARIANTS[v]) for v in args.variants}
+    jobs = [{"variant": v, "ratio": r, "seed": s, "pg": configs[v], "data": args.data, "granularity": args.granularity,
+             "calib_windows": args.calib_windows, "val_windows": args.val_windows}
+            for s in args.seeds for r in args.ratios for v in args.variants]
+
+    def save(rows):
+        table, chosen = summarize(rows, args)
+        shown = [{**e, "val_ppl@128": f"{e['val_ppl@128']:.1f} ± {e['std']:.1f}"} for e in table]
+        md = (markdown_table(shown, ["variant", "ratio", "seeds", "val_ppl@128"])
+              + f"\n\nChosen (lowest mean log validation perplexity over the ratios): **{chosen}** = "
+              f"`{json.dumps(VARIANTS.get(chosen, {}))}` on top of the base `{json.dumps(base)}`. "
+              "Steps and lr of a variant multiply the base values.")
+        write_results(args.name, {"rows": rows, "summary": table, "chosen": chosen,
+                                  "chosen_config": configs.get(chosen), "base": base, "variants": VARIANTS,
+                                  "args": vars(args)}, md)
+
+    rows = run_jobs(jobs, functools.partial(load_state, args.model, args.device, args.workers), do_job, args.workers,
+                    save, args.deadline_s)
+    save(rows)
+    print(summarize(rows, args)[1])
 
 
 if __name__ == "__main__":

@@ -1,197 +1,233 @@
-"""Quality of every method at several pruning ratios: perplexity of the sliced model.
+"""Quality of every structured method under the project's protocol.
 
-Calibration and search use the train split; perplexity is measured on the test split at each
-seqlen. "pg-random" runs the reference policy-gradient search (masks scored with removed channels
-at zero) from random probabilities; "pg-init" starts it (sigmap) from the metric that scored best
-at that ratio; "pg-init+bias" searches with FLAP's bias compensation (`PGConfig.bias_compensation`:
-every sampled mask is scored, and the result saved, with removed channels at their calibration
-means). Two derived rows reuse an earlier row's mask instead of searching again: "flap-nobias" is
-FLAP's mask without its bias compensation, "pg-init+posthoc" the pg-init mask with the
-compensation added after the search.
+Protocol (README "How we measure"): calibration and search read the train split; every choice is
+made on the validation split (here: which metric initialises `pg-init` at each ratio, the metric
+with the lowest mean validation perplexity); the test split is read only for the final numbers,
+on all of it (Brown test: 1035 windows of 128 tokens, 129 of 1024), the same windows for every
+method; every method that draws calibration data runs with several seeds (mean and sample std).
+Two domains: "brown" (calibrate and search on Brown train, evaluate on Brown test) and
+"cross-genre" (calibrate and search on the informative genres' train documents, evaluate on the
+imaginative genres' test documents, never seen: see pruner.corpus.BROWN_GENRES).
 
-    .venv/bin/python -m bench.quality --ratios 0.2 0.3 0.4 0.5 --methods magnitude wanda-sp flap pg-random pg-init pg-init+bias"""
+    python -m bench.quality --ratios 0.2 0.3 0.4 0.5 --seeds 0 1 2 --workers 12 \\
+        --pg '{"steps": 1000, "batch_size": 8}' --name quality_gpu
+
+Jobs run in `--workers` processes (each loads the model once): on one GPU a 135M model leaves
+most of the device idle, so several searches share it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import time
 
 import torch
 
-from bench.common import RESULTS, markdown_table, write_results
-from pruner.corpus import load_text
-from pruner.evaluate import perplexity
-from pruner.config import PruneConfig
-from pruner.methods import Selection
-from pruner.models import load_model
-from pruner.pg.config import PGConfig
-from pruner.prune import apply, prune, report, select
-from pruner.windows import eval_windows, tokenize
+from bench.common import markdown_table, mean_std, run_jobs, write_results
 
-METRICS = ("magnitude", "wanda-sp", "flap")
-DERIVED = {"flap-nobias": ("flap", False), "pg-init+posthoc": ("pg-init", True)}
+METRICS = ("magnitude", "wanda-sp", "flap", "taylor")
+DETERMINISTIC = {"magnitude"}
+DOMAINS = {"brown": ("brown", "brown"), "cross-genre": ("brown:informative", "brown:imaginative")}
 
 
-def derived_prune(loaded, config, selection: Selection, with_bias: bool):
-    """`selection`'s mask applied again, with FLAP's bias compensation for it or with none."""
-    derived = dataclasses.replace(selection, compensate=with_bias)
-    space, _ = select(loaded, dataclasses.replace(config, method="magnitude"))
-    pruned, derived = apply(loaded, config, space, derived)
-    return pruned, derived, report(loaded, config, space, derived, pruned, 0.0)
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--max-windows", type=int, nargs="+", default=None,
+                    help="per seqlen, the number of test windows (default: the whole split)")
+    ap.add_argument("--val-windows", type=int, default=128, help="validation windows of 128 tokens for choices")
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    ap.add_argument("--methods", nargs="+", default=[*METRICS, "pg-random", "pg-init"])
+    ap.add_argument("--granularity", default="auto")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--pg", default="{}", help="JSON of PGConfig overrides, e.g. '{\"steps\": 1000}'")
+    ap.add_argument("--pg-from", default=None, metavar="JSON",
+                    help="start from the setting a bench.pg_tuning result chose on validation (--pg on top)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
+    ap.add_argument("--name", default="quality")
+    return ap.parse_args(argv)
 
 
-def evaluate(model, test_ids, seqlens, max_windows) -> dict:
+# ---- one job, in a worker ---------------------------------------------------------------------
+
+def load_state(model: str, device: str, workers: int) -> dict:
+    """A worker's state: the model (fp32: evaluations are exact; searches autocast to bf16 on CUDA)
+    and its cache of evaluation windows."""
+    from pruner.models import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, workers)))
+    return {"loaded": load_model(model, device=device, dtype="fp32"), "windows": {}}
+
+
+def windows_of(state, corpus: str, split: str, seqlen: int, limit: int | None):
+    from pruner.windows import corpus_windows
+
+    key = (corpus, split, seqlen, limit)
+    if key not in state["windows"]:
+        state["windows"][key] = corpus_windows(state["loaded"].tokenizer, corpus, split, seqlen, limit)
+    return state["windows"][key]
+
+
+def evaluate(state, model, corpus: str, split: str, seqlens, limits) -> dict:
+    from pruner.evaluate import perplexity
+
+    return {f"ppl@{s}": perplexity(model, windows_of(state, corpus, split, s, limits.get(s)),
+                                   batch_size=max(1, 8192 // s))["ppl"] for s in seqlens}
+
+
+def do_job(state, job: dict) -> dict:
+    """Prune with one (method, ratio, seed, domain), then validation and test perplexity."""
+    from pruner.config import PruneConfig
+    from pruner.pg.config import PGConfig
+    from pruner.prune import prune
+
+    loaded = state["loaded"]
+    calib, evaluation = DOMAINS[job["domain"]]
+    t0 = time.perf_counter()
+    if job["method"] == "dense":
+        model, report = loaded.model, {"achieved_ratio": 0.0}
+    else:
+        pg = PGConfig(**job.get("pg", {}))
+        config = PruneConfig(method=job["base_method"], ratio=job["ratio"], granularity=job["granularity"],
+                             data=calib, seed=job["seed"], calib_windows=job["calib_windows"], pg=pg)
+        model, _, report = prune(loaded, config)
+    wall = time.perf_counter() - t0
+    row = {k: job[k] for k in ("method", "ratio", "seed", "domain")} | {
+        "achieved_ratio": report["achieved_ratio"], "wall_time_s": wall,
+        "val_ppl@128": evaluate(state, model, calib, "validation", [128], {128: job["val_windows"]})["ppl@128"],
+        **evaluate(state, model, evaluation, "test", job["seqlens"], job["limits"])}
+    if "pg" in report:
+        row["pg_validation_ppl"] = report["pg"]["validation_ppl"]
+    if job.get("init_metric"):
+        row["init_metric"] = job["init_metric"]
+    print(json.dumps({k: v for k, v in row.items() if k != "pg_validation_ppl"}), flush=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+def jobs_for(args, methods, pg: dict, init_metric: dict | None = None) -> list[dict]:
+    common = {"granularity": args.granularity, "calib_windows": args.calib_windows, "seqlens": args.seqlens,
+              "limits": dict(zip(args.seqlens, args.max_windows)) if args.max_windows else {},
+              "val_windows": args.val_windows}
+    jobs = []
+    for domain in args.domains:
+        for method in methods:
+            if method == "dense":
+                jobs.append({**common, "method": "dense", "ratio": 0.0, "seed": 0, "domain": domain})
+                continue
+            for ratio in args.ratios:
+                for seed in ([0] if method in DETERMINISTIC else args.seeds):
+                    job = {**common, "method": method, "ratio": ratio, "seed": seed, "domain": domain,
+                           "base_method": "pg" if method.startswith("pg") else method}
+                    if method == "pg-random":
+                        job["pg"] = pg | {"init": "random"}
+                    elif method == "pg-init":
+                        job["init_metric"] = init_metric[(domain, ratio)]
+                        job["pg"] = pg | {"init_metric": job["init_metric"]}
+                    jobs.append(job)
+    return jobs
+
+
+def best_metrics(rows, args) -> dict:
+    """Per (domain, ratio): the metric with the lowest mean VALIDATION perplexity (the pg-init start)."""
     out = {}
-    for seqlen in seqlens:
-        windows = eval_windows(test_ids, seqlen, max_windows.get(seqlen))
-        out[f"ppl@{seqlen}"] = perplexity(model, windows, batch_size=max(1, 2048 // seqlen))["ppl"]
+    for domain in args.domains:
+        for ratio in args.ratios:
+            scores = {}
+            for m in METRICS:
+                vals = [r["val_ppl@128"] for r in rows if r["method"] == m and r["ratio"] == ratio and r["domain"] == domain]
+                if vals:
+                    scores[m] = sum(math.log(v) for v in vals) / len(vals)
+            out[(domain, ratio)] = min(scores, key=scores.get) if scores else "flap"
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="embedded")
-    ap.add_argument("--data", default="brown")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
-    ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
-    ap.add_argument("--max-windows", type=int, nargs="+", default=None,
-                    help="per seqlen, the number of test windows (default: all)")
-    ap.add_argument("--methods", nargs="+", default=[*METRICS, "pg-random", "pg-init"])
-    ap.add_argument("--granularity", default="kv_group")
-    ap.add_argument("--pg", default="{}", help="JSON of PGConfig overrides, e.g. '{\"steps\": 1000, \"lr\": 0.1}'")
-    ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--name", default="quality")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                    help="combine earlier result files (e.g. ratios run on separate calls) instead of running")
-    args = ap.parse_args()
-    if args.merge:
-        return merge(args)
+def summarize(rows, args) -> list[dict]:
+    """Mean and std over seeds per (domain, method, ratio)."""
+    table = []
+    keys = sorted({(r["domain"], r["method"], r["ratio"]) for r in rows},
+                  key=lambda k: (args.domains.index(k[0]), k[2], order(k[1])))
+    for domain, method, ratio in keys:
+        group = [r for r in rows if (r["domain"], r["method"], r["ratio"]) == (domain, method, ratio)]
+        entry = {"domain": domain, "method": method, "ratio": ratio, "seeds": len(group),
+                 "achieved_ratio": sum(r["achieved_ratio"] for r in group) / len(group),
+                 "wall_time_s": sum(r["wall_time_s"] for r in group) / len(group)}
+        for key in ["val_ppl@128", *[f"ppl@{s}" for s in args.seqlens]]:
+            mean, std = mean_std([r[key] for r in group])
+            entry[key], entry[f"{key}_std"] = mean, std
+        if group[0].get("init_metric"):
+            entry["init_metric"] = ",".join(sorted({r["init_metric"] for r in group}))
+        table.append(entry)
+    return table
 
-    loaded = load_model(args.model, device=args.device, dtype="fp32")
-    test_ids = tokenize(loaded.tokenizer, load_text(args.data, "test"))
-    max_windows = dict(zip(args.seqlens, args.max_windows)) if args.max_windows else {}
-    pg_config = PGConfig(**json.loads(args.pg))
-    rows = [{"method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, "wall_time_s": 0.0,
-             **evaluate(loaded.model, test_ids, args.seqlens, max_windows)}]
-    print(rows[-1], flush=True)
-    per_layer = {}
-    for ratio in args.ratios:
-        best_metric, best_ppl = None, float("inf")
-        selections, walls, configs = {}, {}, {}
-        for method in args.methods:
-            base = dict(ratio=ratio, granularity=args.granularity, data=args.data, calib_windows=args.calib_windows)
-            derived = None
-            if method in DERIVED:
-                source, with_bias = DERIVED[method]
-                if source not in selections:
-                    raise SystemExit(f"{method} reuses {source}'s mask: list {source} before it in --methods")
-                derived = (selections[source], with_bias)
-                config = configs[source]
-            elif method.startswith("pg"):
-                init = dataclasses.replace(pg_config, init="random") if method.startswith("pg-random") else \
-                    dataclasses.replace(pg_config, init_metric=best_metric or pg_config.init_metric)
-                # the reference scores masks with removed channels at zero; "+bias" with their means
-                init = dataclasses.replace(init, bias_compensation=method.endswith("+bias"))
-                config = PruneConfig(method="pg", pg=init, **base)
-            else:
-                config = PruneConfig(method=method, **base)
-            t0 = time.perf_counter()
-            pruned, selection, result = derived_prune(loaded, config, *derived) if derived else prune(loaded, config)
-            wall = time.perf_counter() - t0 + (walls[DERIVED[method][0]] if derived else 0.0)
-            selections[method], walls[method], configs[method] = selection, wall, config
-            row = {"method": method, "ratio": ratio, "achieved_ratio": result["achieved_ratio"], "wall_time_s": wall,
-                   **evaluate(pruned, test_ids, args.seqlens, max_windows)}
-            if method.startswith("pg-init"):
-                row["init_metric"] = config.pg.init_metric
-            if "pg" in result:
-                row["pg_validation_ppl"] = result["pg"]["validation_ppl"]
+
+def order(method: str) -> int:
+    names = ["dense", *METRICS, "pg-random", "pg-init"]
+    return names.index(method) if method in names else len(names)
+
+
+def markdown(table, args, pg: dict) -> str:
+    parts = []
+    for domain in args.domains:
+        calib, evaluation = DOMAINS[domain]
+        rows = []
+        for e in (e for e in table if e["domain"] == domain):
+            row = {"method": e["method"] + (f" ({e['init_metric']})" if e.get("init_metric") else ""),
+                   "ratio": e["ratio"], "seeds": e["seeds"], "achieved": f"{e['achieved_ratio']:.3f}",
+                   "validation@128": fmt(e, "val_ppl@128"), "wall s": f"{e['wall_time_s']:.1f}"}
+            for s in args.seqlens:
+                row[f"test@{s}"] = fmt(e, f"ppl@{s}")
             rows.append(row)
-            per_layer[f"{method}@{ratio}"] = [r["kept_fraction"] for r in result["per_layer"]]
-            print({k: v for k, v in row.items() if k != "pg_validation_ppl"}, flush=True)
-            key = f"ppl@{args.seqlens[0]}"
-            if method in METRICS and row[key] < best_ppl:
-                best_metric, best_ppl = method, row[key]
-            del pruned
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-    write_report(rows, per_layer, dataclasses.asdict(pg_config), args, {"args": vars(args)})
+        columns = ["method", "ratio", "seeds", "achieved", *[f"test@{s}" for s in args.seqlens], "validation@128", "wall s"]
+        parts.append(f"### {domain}: calibrate and search on `{calib}` train, test on `{evaluation}` test\n\n"
+                     + markdown_table(rows, columns))
+    return ("\n\n".join(parts) + f"\n\nPerplexity mean ± sample std over seeds (calibration windows and search "
+            f"samples differ per seed). Test windows: {args.max_windows or 'all'} at seqlens {args.seqlens}. "
+            f"pg-init starts from the metric with the lowest validation perplexity at its ratio (in brackets). "
+            f"PG settings: `{json.dumps(pg)}`")
 
 
-def write_report(rows, per_layer, pg: dict, args, extra: dict) -> None:
-    columns = ["method", "ratio", "achieved_ratio", *[f"ppl@{s}" for s in args.seqlens], "wall_time_s"]
-    fmt = {"achieved_ratio": "{:.3f}", "wall_time_s": "{:.1f}", **{f"ppl@{s}": "{:.2f}" for s in args.seqlens}}
-    md = (f"### Perplexity after pruning ({args.model}, {args.data} test, granularity {args.granularity})\n\n"
-          + markdown_table(rows, columns, fmt)
-          + f"\n\nPG settings: `{json.dumps(pg)}`"
-          + "\n\nCalibration statistics are computed once per model and setting and reused, so the first "
-            "method that needs them (wanda-sp) carries the calibration time in its wall time; pg-init also "
-            "reuses them for its initialisation.")
-    write_results(args.name, {"rows": rows, "per_layer_kept_fraction": per_layer, "pg": pg, **extra}, md)
-    plot(rows, per_layer, args)
+def fmt(entry: dict, key: str) -> str:
+    mean, std = entry[key], entry[f"{key}_std"]
+    digits = 1 if mean < 1000 else 0
+    return f"{mean:,.{digits}f} ± {std:,.{digits}f}" if entry["seeds"] > 1 else f"{mean:,.{digits}f}"
 
 
-def merge(args) -> None:
-    """One table and plot from several result files of the same settings: the dense row once, and
-    each (method, ratio) from the first file that has it (a rerun must agree; it is checked)."""
-    parts = [json.loads(open(path).read()) for path in args.merge]
-    rows, seen, methods = [parts[0]["rows"][0]], {}, []
-    key = f"ppl@{parts[0]['args']['seqlens'][0]}"
-    for part in parts:
-        for row in part["rows"][1:]:
-            name = (row["method"], row["ratio"])
-            if name in seen:
-                if abs(seen[name][key] - row[key]) > 1e-6 * seen[name][key]:
-                    print(f"note: {name} differs between files: {seen[name][key]:.3f} vs {row[key]:.3f}")
-                continue
-            seen[name] = row
-            rows.append(row)
-            if row["method"] not in methods:
-                methods.append(row["method"])
-    rows = rows[:1] + sorted(rows[1:], key=lambda r: (r["ratio"], methods.index(r["method"])))
-    per_layer = {k: v for p in parts for k, v in p["per_layer_kept_fraction"].items()}
-    first = parts[0]["args"]
-    for name in ("model", "data", "granularity", "seqlens"):
-        setattr(args, name, first[name])
-    args.methods = methods
-    write_report(rows, per_layer, parts[0]["pg"], args,
-                 {"merged_from": [{"command": p["command"], "environment": p["environment"]} for p in parts]})
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from pruner.pg.config import PGConfig
 
+    chosen = (json.loads(open(args.pg_from).read()).get("chosen_config") or {}) if args.pg_from else {}
+    pg = dataclasses.asdict(PGConfig(**{**chosen, **json.loads(args.pg)}))
+    init, rows, start = functools.partial(load_state, args.model, args.device, args.workers), [], time.time()
 
-def plot(rows, per_layer, args) -> None:
-    """Perplexity vs ratio per method, and the per-layer kept fraction of the PG results."""
-    import matplotlib
+    def save(partial):
+        table = summarize(rows + partial, args)
+        write_results(args.name, {"rows": rows + partial, "summary": table, "pg": pg, "args": vars(args)},
+                      markdown(table, args, pg))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = f"ppl@{args.seqlens[0]}"
-    fig, ax = plt.subplots(figsize=(8.0, 4.2))
-    for method in args.methods:
-        pts = [(r["ratio"], r[key]) for r in rows if r["method"] == method]
-        ax.plot(*zip(*pts), marker="o", label=method)
-    ax.axhline(rows[0][key], color="grey", ls=":", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("pruning ratio (decoder-linear parameters removed)")
-    ax.set_ylabel(f"perplexity ({args.data} test, seqlen {args.seqlens[0]})")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}_ppl.png", dpi=120)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    shown = "pg-init+bias" if any(k.startswith("pg-init+bias@") for k in per_layer) else "pg-init"
-    for name, fractions in sorted(per_layer.items()):
-        if name.split("@")[0] == shown:
-            ax.plot(range(len(fractions)), fractions, marker=".", label=name)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("kept fraction of decoder-linear parameters")
-    ax.set_title("Per-layer sparsity found by policy gradient")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}_layers.png", dpi=120)
+    metrics = [m for m in args.methods if m in METRICS]
+    first = run_jobs(jobs_for(args, ["dense", *metrics], pg), init, do_job, args.workers, save, args.deadline_s)
+    rows += first
+    choice = best_metrics(rows, args)
+    remaining = None if args.deadline_s is None else max(0.0, args.deadline_s - (time.time() - start))
+    searches = [m for m in args.methods if m.startswith("pg")]
+    rows += run_jobs(jobs_for(args, searches, pg, choice), init, do_job, args.workers, save, remaining)
+    save([])
+    print(markdown(summarize(rows, args), args, pg))
 
 
 if __name__ == "__main__":

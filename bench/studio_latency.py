@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from bench.common import markdown_table, write_results
-from tools.browser import REPO_ROOT, PageWatch, launch_chromium, serve_studio, set_number, wait_for_app_idle
+from tools.browser import (REPO_ROOT, PageWatch, choose, launch_chromium, serve_studio, set_number, toggle,
+                           wait_for_app_idle)
 
 ASSETS = REPO_ROOT / "assets"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
@@ -37,27 +38,6 @@ def wait_for_step(page, at_least: int) -> None:
         except Exception:  # noqa: BLE001 - mid-rerun the element may be replaced
             pass
         page.wait_for_timeout(250)
-
-
-def choose(page, label: str, option: str) -> None:
-    from playwright.sync_api import expect
-
-    box = page.get_by_label(label, exact=True)
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
-    expect(box).to_have_value(option)
-    wait_for_app_idle(page)
-
-
-def toggle(page, label: str) -> None:
-    """Flip a checkbox, by its label."""
-    from playwright.sync_api import expect
-
-    box = page.get_by_role("checkbox", name=label, exact=True)
-    was = box.is_checked()
-    page.get_by_text(label, exact=True).click()
-    expect(box).to_be_checked(checked=not was)
-    wait_for_app_idle(page)
 
 
 def start_to_first_point(page, base: str, settings: dict, choices: dict) -> tuple[float, float, str]:

@@ -28,12 +28,11 @@ import torch
 
 from bench.common import markdown_table, write_results
 from pruner.config import PruneConfig
-from pruner.corpus import load_text
 from pruner.evaluate import perplexity
 from pruner.models import load_model
 from pruner.prune import apply, report, select
 from pruner.sparsity_masks import parse_sparsity_type
-from pruner.windows import eval_windows, tokenize
+from pruner.windows import corpus_windows
 
 SPARSE = {  # row name -> (method, PruneConfig overrides)
     "magnitude": ("magnitude-unstructured", {}),
@@ -46,10 +45,10 @@ STRUCTURED = ("magnitude", "wanda-sp", "flap")
 RECONSTRUCT = ("none", "ls", "admm")
 
 
-def evaluate(model, test_ids, seqlens, max_windows) -> dict:
+def evaluate(model, tokenizer, data, seqlens, max_windows) -> dict:
     out = {}
     for seqlen in seqlens:
-        windows = eval_windows(test_ids, seqlen, max_windows)
+        windows = corpus_windows(tokenizer, data, "test", seqlen, max_windows)
         out[f"ppl@{seqlen}"] = perplexity(model, windows, batch_size=max(1, 2048 // seqlen))["ppl"]
     return out
 
@@ -97,10 +96,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, device=args.device, dtype="fp32")
-    test_ids = tokenize(loaded.tokenizer, load_text(args.data, "test"))
     base = dict(data=args.data, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen)
     rows = [{"family": "dense", "method": "dense", "setting": "-", "reconstruct": "-", "achieved_ratio": 0.0,
-             "wall_time_s": 0.0, **evaluate(loaded.model, test_ids, args.seqlens, args.max_windows)}]
+             "wall_time_s": 0.0, **evaluate(loaded.model, loaded.tokenizer, args.data, args.seqlens, args.max_windows)}]
     per_layer = {}
 
     def record(row: dict, result: dict) -> None:
@@ -119,7 +117,7 @@ def main() -> None:
             pruned, result, seconds = timed_prune(loaded, config)
             record({"family": "unstructured", "method": name, "setting": label, "reconstruct": "-",
                     "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
-                    **evaluate(pruned, test_ids, args.seqlens, args.max_windows)}, result)
+                    **evaluate(pruned, loaded.tokenizer, args.data, args.seqlens, args.max_windows)}, result)
             del pruned
 
     for ratio in args.ratios:
@@ -136,7 +134,7 @@ def main() -> None:
                 result = report(loaded, applied_config, space, applied, pruned, seconds)
                 record({"family": "structured", "method": method, "setting": f"{ratio:g}", "reconstruct": how,
                         "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
-                        **evaluate(pruned, test_ids, args.seqlens, args.max_windows)}, result)
+                        **evaluate(pruned, loaded.tokenizer, args.data, args.seqlens, args.max_windows)}, result)
                 del pruned
 
 

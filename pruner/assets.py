@@ -40,18 +40,22 @@ def gguf_location() -> Path:
 
 
 def prepare_embedded_model(out: Path | None = None) -> Path:
-    """GGUF -> fp32 safetensors + tokenizer, once. A GGUF-loaded model refuses
-    save_pretrained, so its weights go into a fresh model built from the config."""
+    """The embedded model as fp32 safetensors + tokenizer, converted from its GGUF once."""
     out = out or embedded_model_dir()
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    return convert_gguf(gguf_location(), GGUF_NAME, out)
+
+
+def convert_gguf(folder: Path, name: str, out: Path) -> Path:
+    """GGUF file `folder/name` -> fp32 safetensors + tokenizer in `out`. A GGUF-loaded model refuses
+    save_pretrained, so its weights go into a fresh model built from the config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_location()
-    print(f"Converting {GGUF_NAME} to fp32 safetensors (once, about half a minute)...", file=sys.stderr, flush=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
+    print(f"Converting {name} to fp32 safetensors (once, about half a minute)...", file=sys.stderr, flush=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
                                      if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")})
     config.head_dim = gguf_model.config.head_dim
@@ -59,9 +63,9 @@ def prepare_embedded_model(out: Path | None = None) -> Path:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
 
-    def build(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+    def build(target: Path) -> None:
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
 
     return publish_dir(out, build)
 

@@ -32,19 +32,24 @@ def keep_fraction(ratio: float) -> float:
     return 1.0 - ratio
 
 
-def fill_budget(scores: Tensor, costs: Tensor, budget: float) -> Tensor:
-    """Greedy knapsack fill: walk units by descending score, keep each one that still fits.
+def fill_budget(scores: Tensor, costs: Tensor, budget: float, greedy: bool = True) -> Tensor:
+    """Keep units by descending score while they fit: sum(costs[kept]) <= budget.
 
-    Returns a bool mask with sum(costs[kept]) <= budget. Unlike a plain prefix cut, a large unit
-    that does not fit does not stop smaller, lower-scored units from filling the rest.
+    greedy: a unit that does not fit is skipped and smaller, lower-scored units fill the rest (a
+    knapsack fill). Not greedy: a threshold on the score, the longest prefix that fits (how FLAP
+    cuts its ranking; the reference takes the prefix closest to the budget, which may exceed it
+    by part of a unit, this one never does).
     """
     keep = torch.zeros(len(scores), dtype=torch.bool)
     if len(scores) == 0 or budget < 0:
         return keep
     order = torch.argsort(scores.double(), descending=True, stable=True)
     ordered_costs = costs.double()[order]
-    n_prefix = int((torch.cumsum(ordered_costs, 0) <= budget + TOLERANCE).sum())
+    fits = torch.cumsum(ordered_costs, 0) <= budget + TOLERANCE
+    n_prefix = int(fits.long().cumprod(0).sum())
     keep[order[:n_prefix]] = True
+    if not greedy:
+        return keep
     used = float(ordered_costs[:n_prefix].sum())
     for i, c in zip(order[n_prefix:].tolist(), ordered_costs[n_prefix:].tolist()):
         if used + c <= budget + TOLERANCE:
@@ -123,7 +128,7 @@ def _add_best_steps(space: PruningSpace, layers: list[int], heads: list[Tensor],
 
 
 def select_under_budget(space: PruningSpace, head_scores: list[Tensor], channel_scores: list[Tensor], keep: float,
-                        budget: str = "joint", scope: str = "global") -> Mask:
+                        budget: str = "joint", scope: str = "global", greedy: bool = True) -> Mask:
     """A hard mask keeping at most `keep` of the decoder-linear parameters, by score.
 
     budget "joint": heads and channels compete in one greedy fill by score (scores must be
@@ -131,7 +136,8 @@ def select_under_budget(space: PruningSpace, head_scores: list[Tensor], channel_
     rest. Then the heads are evened (`even_query_heads`) and priced exactly, the steps this frees
     are offered again to the best heads that fit, and the channels fill whatever is left of the
     whole budget: the result is within one step of it. scope "global": one budget over all layers
-    (layers find their own sparsity); "per_layer": every layer keeps `keep` of itself.
+    (layers find their own sparsity); "per_layer": every layer keeps `keep` of itself. `greedy`:
+    see `fill_budget` (False: one score threshold over the units, FLAP's cut).
     """
     h_cost, c_cost = space.unit_costs()
     h_costs = list(torch.split(h_cost, [space.n_head_units(l) for l in range(space.n_layers)]))
@@ -146,10 +152,16 @@ def select_under_budget(space: PruningSpace, head_scores: list[Tensor], channel_
         cs, cc = torch.cat([channel_scores[l].double() for l in layers]), torch.cat([c_costs[l] for l in layers])
         if budget == "joint":
             fixed = dense - float(hc.sum()) - float(cc.sum())
-            picked = fill_budget(torch.cat([hs, cs]), torch.cat([hc, cc]), limit - fixed)
+            picked = fill_budget(torch.cat([hs, cs]), torch.cat([hc, cc]), limit - fixed, greedy)
             picked_h, reserved = picked[: len(hs)], float(cc[picked[len(hs):]].sum())
+            if not greedy and space.granularity != "query_head":  # a pure score threshold: nothing to even out
+                for l, part in zip(layers, torch.split(picked_h, [len(head_scores[l]) for l in layers])):
+                    heads[l] = part
+                for l, part in zip(layers, torch.split(picked[len(hs):], [len(channel_scores[l]) for l in layers])):
+                    channels[l] = part
+                continue
         else:
-            picked_h, reserved = fill_budget(hs, hc, keep * float(hc.sum())), keep * float(cc.sum())
+            picked_h, reserved = fill_budget(hs, hc, keep * float(hc.sum()), greedy), keep * float(cc.sum())
         for l, part in zip(layers, torch.split(picked_h, [len(head_scores[l]) for l in layers])):
             heads[l] = even_query_heads(space, l, head_scores[l], int(part.sum()))
 
@@ -159,60 +171,71 @@ def select_under_budget(space: PruningSpace, head_scores: list[Tensor], channel_
         _add_best_steps(space, layers, heads, head_scores, room() - reserved)
         while room() < -TOLERANCE and _drop_weakest_step(space, layers, heads, head_scores):
             pass
-        chosen = fill_budget(cs, cc, room())
+        chosen = fill_budget(cs, cc, room(), greedy)
         _add_best_steps(space, layers, heads, head_scores, room() - float(cc[chosen].sum()))
         for l, part in zip(layers, torch.split(chosen, [len(channel_scores[l]) for l in layers])):
             channels[l] = part
     return Mask(tuple(heads), tuple(channels))
 
 
-def uniform_counts(space: PruningSpace, keep: float) -> tuple[list[int], list[int]]:
-    """Units to keep per layer so that every layer keeps about `keep` of itself and the model at
-    most `keep` in all: heads rounded to the nearest step (at least one), channels rounded down to
-    fit the layer's rest, then the leftover budget handed out one channel at a time to the layers
-    furthest below their share."""
+def uniform_counts(space: PruningSpace, keep: float, dense_layers: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
+    """Units to keep per layer so that every layer keeps about the same fraction of itself and the
+    model at most `keep` in all: heads rounded to the nearest step (at least one), channels rounded
+    down to fit the layer's rest, then the leftover budget handed out one channel at a time to the
+    layers furthest below their share. `dense_layers` keep everything; the others keep less to make
+    up for them (keep' = (keep P - P_dense) / (P - P_dense))."""
+    total = keep * space.decoder_linear_params()
+    dense_params = sum(space.layer_params(space.shapes[l], l) for l in dense_layers)
+    pruned_params = space.decoder_linear_params() - dense_params
+    layer_keep = max(0.0, (total - dense_params) / pruned_params) if pruned_params else 1.0
     head_counts, channel_counts, wants = [], [], []
     for l, s in enumerate(space.shapes):
         n_h, n_c, step = space.n_head_units(l), space.n_channel_units(l), head_step(space, l)
-        k_h = min(n_h, max(step, step * round(keep * n_h / step))) if n_h else 0
-        room = keep * space.layer_params(s, l) - attention_only_params(space, l, _first_heads(space, l, k_h))
+        if l in dense_layers:
+            head_counts.append(n_h)
+            channel_counts.append(n_c)
+            wants.append(float(n_c))
+            continue
+        k_h = min(n_h, max(step, step * round(layer_keep * n_h / step))) if n_h else 0
+        room = layer_keep * space.layer_params(s, l) - attention_only_params(space, l, _first_heads(space, l, k_h))
         want = room / space.channel_unit_cost(l) if n_c else 0.0
         head_counts.append(int(k_h))
         channel_counts.append(int(min(n_c, max(1 if n_c else 0, int(want)))) if n_c else 0)
         wants.append(want)
-    total = keep * space.decoder_linear_params()
+    pruned = [l for l in range(space.n_layers) if l not in dense_layers]
 
     def kept() -> float:
         return sum(_counted_params(space, l, head_counts[l], channel_counts[l]) for l in range(space.n_layers))
 
     while True:  # hand out the leftover, neediest layer first
         spare = total - kept()
-        open_layers = [l for l in range(space.n_layers) if channel_counts[l] < space.n_channel_units(l)
+        open_layers = [l for l in pruned if channel_counts[l] < space.n_channel_units(l)
                        and space.channel_unit_cost(l) <= spare + TOLERANCE]
         if not open_layers:
             break
         l = max(open_layers, key=lambda i: (wants[i] - channel_counts[i], -i))
         channel_counts[l] += 1
     while kept() > total + TOLERANCE:  # heads alone overshoot somewhere: take from the fullest layers
-        if not _shrink_fullest(space, head_counts, channel_counts):
+        if not _shrink_fullest(space, head_counts, channel_counts, pruned):
             break
     return head_counts, channel_counts
 
 
-def _shrink_fullest(space: PruningSpace, head_counts: list[int], channel_counts: list[int]) -> bool:
+def _shrink_fullest(space: PruningSpace, head_counts: list[int], channel_counts: list[int],
+                    layers: list[int]) -> bool:
     """Remove one channel (or, where only one is left, one head step; then the last ones) from the
-    layer that keeps the largest fraction of itself. False when nothing is left to remove."""
+    layer among `layers` that keeps the largest fraction of itself. False when nothing is left."""
     def fraction(l: int) -> float:
         return _counted_params(space, l, head_counts[l], channel_counts[l]) / space.layer_params(space.shapes[l], l)
 
     for floor_c, floor_h in ((1, 1), (0, 0)):
         for kind in ("channels", "heads"):
             if kind == "channels":
-                layers = [l for l in range(space.n_layers) if channel_counts[l] > floor_c]
+                candidates = [l for l in layers if channel_counts[l] > floor_c]
             else:
-                layers = [l for l in range(space.n_layers) if head_counts[l] > floor_h * head_step(space, l)]
-            if layers:
-                l = max(layers, key=fraction)
+                candidates = [l for l in layers if head_counts[l] > floor_h * head_step(space, l)]
+            if candidates:
+                l = max(candidates, key=fraction)
                 if kind == "channels":
                     channel_counts[l] -= 1
                 else:
@@ -232,17 +255,20 @@ def _first_heads(space: PruningSpace, layer: int, k: int) -> Tensor:
     return even_query_heads(space, layer, -torch.arange(space.n_head_units(layer), dtype=torch.float64), k)
 
 
-def uniform_mask(space: PruningSpace, head_scores: list[Tensor], channel_scores: list[Tensor], keep: float) -> Mask:
-    """Top units per layer with the counts of `uniform_counts` (the same sparsity in every layer)."""
-    head_counts, channel_counts = uniform_counts(space, keep)
+def uniform_mask(space: PruningSpace, head_scores: list[Tensor], channel_scores: list[Tensor], keep: float,
+                 dense_layers: tuple[int, ...] = ()) -> Mask:
+    """Top units per layer with the counts of `uniform_counts` (the same sparsity in every layer but
+    `dense_layers`)."""
+    head_counts, channel_counts = uniform_counts(space, keep, dense_layers)
     heads = tuple(even_query_heads(space, l, head_scores[l], k) for l, k in enumerate(head_counts))
     channels = tuple(top_k(channel_scores[l], k) for l, k in enumerate(channel_counts))
     return Mask(heads, channels)
 
 
-def global_mask(space: PruningSpace, head_scores: list[Tensor], channel_scores: list[Tensor], keep: float) -> Mask:
+def global_mask(space: PruningSpace, head_scores: list[Tensor], channel_scores: list[Tensor], keep: float,
+                greedy: bool = True) -> Mask:
     """One budget over all layers and both kinds: units kept in order of (comparable) score."""
-    return select_under_budget(space, head_scores, channel_scores, keep, budget="joint", scope="global")
+    return select_under_budget(space, head_scores, channel_scores, keep, budget="joint", scope="global", greedy=greedy)
 
 
 # ---- policy gradient: expected cost of probabilities, and their hard mask --------------------------

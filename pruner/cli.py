@@ -1,21 +1,32 @@
 """Command line: `python -m pruner {setup,info,eval,prune,generate}`.
 
 With --json, stdout carries exactly one JSON object; progress bars and logs go to stderr.
-Bad input exits with status 2 and a one-line `error: ...` on stderr.
+Bad input exits with status 2 and a one-line `error: ...` on stderr, before any work and with
+nothing written: arguments are checked first, libraries' own logs and load bars are off, and
+Python warnings are shown only after a command that succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .config import ADMM_MASKS, RECONSTRUCT
 from .errors import PrunerError
 from .space import GRANULARITIES
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are PrunerErrors: one line, exit status 2, like every bad input."""
+
+    def error(self, message: str):
+        raise PrunerError(f"{message} (see `{self.prog} --help`)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -43,14 +54,14 @@ def _pg_args(group) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="python -m pruner", description="Structural pruning of LLMs.")
+    parser = Parser(prog="python -m pruner", description="Structural pruning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("setup", help="prepare the embedded model and corpus (idempotent)")
 
     p = sub.add_parser("info", help="architecture, head counts and parameter counts of a model")
     _model_args(p)
-    p.add_argument("--granularity", default="kv_group", help=f"unit granularity: {', '.join(GRANULARITIES)}")
+    p.add_argument("--granularity", default="auto", help=f"unit granularity: {', '.join(GRANULARITIES)}")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows")
@@ -67,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--ratio", type=float, default=None, help="fraction of decoder-linear parameters to remove, in (0, 1)")
     p.add_argument("--granularity", default=None, help=f"structured methods: one of {', '.join(GRANULARITIES)} "
-                   "(default kv_group)")
+                   "(default auto: kv_group where every layer has at least two k/v heads, else query_head)")
     p.add_argument("--data", default="brown", help="calibration corpus (methods that use data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows for metric scores")
@@ -99,10 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_model_args(args):
+    """The model spec, device and dtype checked without loading anything (PrunerError if bad);
+    returns the model's config when it can be read alone (a local folder), else None. Every
+    command that loads a model calls this first, so transformers is quiet before it is used."""
+    from .models import pick_device, pick_dtype, read_config
+
+    args.cleanup.enter_context(quiet_libraries())
+    pick_dtype(args.dtype, pick_device(args.device))
+    return read_config(args.model, args.trust_remote_code)
+
+
 def _load(args):
     from .models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def at_least(value: int | None, low: int, flag: str) -> None:
+    if value is not None and value < low:
+        raise PrunerError(f"{flag} must be at least {low}, got {value}")
 
 
 def cmd_setup(args) -> dict:
@@ -113,21 +140,28 @@ def cmd_setup(args) -> dict:
 
 def cmd_info(args) -> dict:
     from .models import model_summary
+    from .space import check_granularity
 
+    check_granularity(args.granularity)
+    check_model_args(args)
     return model_summary(_load(args), args.granularity) | {"model": args.model}
 
 
 def cmd_eval(args) -> dict:
-    from .corpus import load_text
+    from .corpus import check_corpus, load_text
     from .evaluate import check_context, perplexity
-    from .windows import eval_windows, tokenize
+    from .windows import corpus_windows
 
-    if args.batch_size < 1:
-        raise PrunerError("--batch-size must be at least 1")
-    text = load_text(args.data, args.split)
+    at_least(args.seqlen, 2, "--seqlen")
+    at_least(args.max_windows, 1, "--max-windows")
+    at_least(args.batch_size, 1, "--batch-size")
+    check_corpus(args.data)
+    config = check_model_args(args)
+    check_context(config, args.seqlen, "--seqlen")
+    load_text(args.data, args.split)  # a missing or bad corpus fails before the model loads
     loaded = _load(args)
-    check_context(loaded.model, args.seqlen, "--seqlen")
-    windows = eval_windows(tokenize(loaded.tokenizer, text), args.seqlen, args.max_windows)
+    check_context(loaded.model.config, args.seqlen, "--seqlen")
+    windows = corpus_windows(loaded.tokenizer, args.data, args.split, args.seqlen, args.max_windows)
     result = perplexity(loaded.model, windows, args.batch_size, progress=True)
     return result | {"data": args.data, "split": args.split, "model": args.model}
 
@@ -150,7 +184,10 @@ def prune_config_from_args(args):
             raise PrunerError(f"no run folder at {run_dir}: give the `run` folder of an interrupted search")
         settings = read_settings(run_dir)
         args.model = settings.get("model", args.model)
-        config = PruneConfig.from_dict({k: v for k, v in settings.items() if k not in ("model", "run_dir")})
+        try:
+            config = PruneConfig.from_dict({k: v for k, v in settings.items() if k not in ("model", "run_dir")})
+        except PrunerError as exc:
+            raise PrunerError(f"the settings recorded in {run_dir} are not usable ({exc}): start a new run") from None
         return dataclasses.replace(config, run_dir=str(run_dir))
     method = get_method(args.method)
     _check_flags(args, method)
@@ -167,8 +204,10 @@ def prune_config_from_args(args):
         run_dir = args.run_dir or str(Path(args.out) / RUN_SUBDIR)
         if Path(run_dir).exists() and not Path(run_dir).is_dir():
             raise PrunerError(f"--run-dir {run_dir} is a file: give a folder for the search's checkpoints")
+    elif args.run_dir:
+        raise PrunerError(f"--run-dir holds a search's checkpoints: it applies only to --method pg, not {args.method}")
     admm = {k: v for k, v in (("admm_mask", args.admm_mask), ("admm_iterations", args.admm_iterations)) if v is not None}
-    return check_config(PruneConfig(method=args.method, ratio=ratio, granularity=args.granularity or "kv_group",
+    return check_config(PruneConfig(method=args.method, ratio=ratio, granularity=args.granularity or "auto",
                                     data=args.data, seed=args.seed, calib_windows=args.calib_windows, pg=pg,
                                     run_dir=run_dir, sparsity_type=sparsity_type, reconstruct=args.reconstruct,
                                     **admm))
@@ -189,18 +228,26 @@ def _check_flags(args, method) -> None:
 
 
 def cmd_prune(args) -> dict:
+    from .corpus import check_corpus
     from .fileio import check_writable
+    from .methods import get_method
     from .models import prepare_output_dir, save_pruned
     from .prune import prune
 
     out = Path(args.out)
     config = prune_config_from_args(args)
+    try:
+        check_model_args(args)
+    except PrunerError as exc:
+        if not args.resume:
+            raise
+        raise PrunerError(f"the run in {args.resume} pruned the model {args.model!r}, which cannot be used here: {exc}") from None
     overwrite = args.overwrite or bool(args.resume and Path(args.resume).parent == out)
     prepare_output_dir(out, overwrite)
     if config.run_dir:
         check_writable(Path(config.run_dir))
-        print(f"checkpoints in {config.run_dir}: continue an interrupted run with --resume {config.run_dir}",
-              file=sys.stderr)
+    if get_method(config.method).uses_data:
+        check_corpus(config.data)
     loaded = _load(args)
     pruned, _, report = prune(loaded, config)
     save_pruned(pruned, loaded.tokenizer, out, report, overwrite)
@@ -212,25 +259,48 @@ def cmd_generate(args) -> dict:
 
     if not args.prompt.strip():
         raise PrunerError("--prompt is empty: give some text to continue")
-    if args.max_new_tokens < 1:
-        raise PrunerError("--max-new-tokens must be at least 1")
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    config = check_model_args(args)
+    check_context(config, args.max_new_tokens + 1, "--max-new-tokens plus a prompt")
     loaded = _load(args)
     n_prompt = len(loaded.tokenizer(args.prompt)["input_ids"])
-    check_context(loaded.model, n_prompt + args.max_new_tokens, "the prompt plus --max-new-tokens")
+    check_context(loaded.model.config, n_prompt + args.max_new_tokens, "the prompt plus --max-new-tokens")
     return {"prompt": args.prompt, "completion": generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens)}
 
 
 COMMANDS = {"setup": cmd_setup, "info": cmd_info, "eval": cmd_eval, "prune": cmd_prune, "generate": cmd_generate}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' logs and its load / save bars off for one command (on an error path they would
+    come before the one error line), as they were after it. Our own progress (perplexity,
+    calibration, the search) still shows."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        result = COMMANDS[args.command](args)
-    except PrunerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with warnings.catch_warnings(record=True) as caught, contextlib.ExitStack() as cleanup:
+        try:
+            args = build_parser().parse_args(argv)
+            args.cleanup = cleanup  # what a command changes for its own run (quiet_libraries) is undone after it
+            result = COMMANDS[args.command](args)
+        except PrunerError as exc:
+            print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)
+            return 2
+    for w in caught:  # after the work, so that an error is the only line an error prints
+        print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip(), file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(result))
     elif args.command == "generate":

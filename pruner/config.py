@@ -35,7 +35,7 @@ class PruneConfig:
 
     method: str = "magnitude"
     ratio: float = 0.3
-    granularity: str = "kv_group"
+    granularity: str = "auto"  # kv_group where layers have >= 2 k/v heads, else query_head
     data: str = "brown"
     seed: int = 0
     calib_windows: int = 128
@@ -51,7 +51,8 @@ class PruneConfig:
         check_ratio(self.ratio)
         check_granularity(self.granularity)
         if self.calib_windows < 1 or self.calib_seqlen < 2:
-            raise PrunerError("calibration needs at least one window of at least 2 tokens")
+            raise PrunerError("calibration needs at least one window (calib_windows, --calib-windows) of at least 2 "
+                              f"tokens (calib_seqlen), got {self.calib_windows} of {self.calib_seqlen}")
         if self.method == "pg":
             self.pg.validate()
         kind = parse_sparsity_type(self.sparsity_type)

@@ -14,9 +14,15 @@ from pathlib import Path
 
 from .errors import PrunerError
 from .fileio import publish_dir
+from .hub import hub_offline, hub_reachable
 from .paths import brown_dir
 
-CORPORA = ("brown", "wikitext2", "c4")
+CORPORA = ("brown", "brown:informative", "brown:imaginative", "wikitext2", "c4")
+# The Brown corpus's own two-way division by genre letter (document names c<genre><nn>): informative
+# prose (a press reportage ... j learned) and imaginative prose (k general fiction ... r humor). Searching
+# on one and evaluating on the other is an out-of-domain check that needs nothing beyond the embedded corpus.
+BROWN_GENRES = {"brown:informative": set("abcdefghj"), "brown:imaginative": set("klmnpr")}
+TEXT_FILE_SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 SPLITS = ("train", "validation", "test")
 
 FORMAT_VERSION = 1
@@ -224,14 +230,19 @@ def check_split(split: str) -> None:
 def text_file(corpus: str) -> Path:
     """The local text file a corpus name points to, or a PrunerError naming the choices."""
     path = Path(corpus).expanduser()
-    if not path.is_file():
-        raise PrunerError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)} "
-                          "(brown is embedded and works offline), or give a path to a .txt file")
-    return path
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise PrunerError(f"{corpus} is a folder: give a UTF-8 .txt file, or one of {', '.join(CORPORA)}")
+    if path.exists() or "/" in corpus or path.suffix:
+        raise PrunerError(f"no text file at {corpus}: give an existing UTF-8 .txt file, or one of "
+                          f"{', '.join(CORPORA)} (brown is embedded and works offline)")
+    raise PrunerError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)} "
+                      "(brown is embedded and works offline), or give a path to a .txt file")
 
 
 def read_text_file(path: Path) -> str:
-    """A local UTF-8 text file's contents."""
+    """A local UTF-8 text file's contents; PrunerError for a file that is not text or holds none."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -240,6 +251,8 @@ def read_text_file(path: Path) -> str:
         raise PrunerError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     if "\x00" in text:
         raise PrunerError(f"{path} holds NUL bytes: it is a binary file, not text")
+    if not text.strip():
+        raise PrunerError(f"{path} is empty (or only whitespace): give a file with some text")
     return text
 
 
@@ -273,13 +286,40 @@ def brown_documents(split: str) -> list[str]:
     return documents
 
 
+def check_hub(corpus: str) -> None:
+    """PrunerError at once when the hub cannot be reached (one quick check, hub.hub_reachable)
+    instead of the datasets library's half minute of retries. In offline mode (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE) the library reads its local cache only, which fails fast by itself."""
+    if not hub_offline(datasets=True) and not hub_reachable():
+        raise PrunerError(f"cannot load {corpus!r}: the Hugging Face hub is unreachable from here. Offline "
+                          "alternatives: `brown` (the embedded corpus) or a path to a local UTF-8 .txt file; "
+                          "a copy in your local HF cache is used with HF_HUB_OFFLINE=1")
+
+
+def check_corpus(corpus: str) -> None:
+    """Check before any work that a corpus can be read: brown is prepared, a text file is text,
+    the hub (for wikitext2 and c4) can be reached. PrunerError otherwise."""
+    if corpus == "brown":
+        brown_manifest()
+    elif corpus in ("wikitext2", "c4"):
+        check_hub(corpus)
+    else:
+        read_text_file(text_file(corpus))
+
+
 def hub_dataset(corpus: str, *args, **kwargs):
-    """`datasets.load_dataset(*args, **kwargs)`, any failure turned into an offline hint."""
+    """`datasets.load_dataset(*args, **kwargs)` after a quick reachability check (`check_hub`),
+    any failure turned into an offline hint."""
+    check_hub(corpus)
     try:
         from datasets import load_dataset
 
         return load_dataset(*args, **kwargs)
     except Exception as exc:
+        if hub_offline(datasets=True):
+            raise PrunerError(f"cannot load {corpus!r}: offline mode is set (HF_HUB_OFFLINE), so the hub is "
+                              "unreachable, and it is not in the local HF cache. Offline alternatives: `brown` (the "
+                              "embedded corpus) or a path to a local UTF-8 .txt file") from exc
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise PrunerError(f"cannot load {corpus!r}: the Hugging Face hub is unreachable or failed "
                           f"({type(exc).__name__}: {reason}). Offline alternatives: `brown` (the embedded "
@@ -299,20 +339,52 @@ def c4_documents(split: str) -> list[str]:
     return list(dataset["text"])
 
 
+def brown_genre_documents(corpus: str, split: str) -> list[str]:
+    """The documents of a Brown split whose genre letter belongs to `corpus` (BROWN_GENRES)."""
+    names = brown_manifest()["splits"][split]["documents"]
+    return [doc for name, doc in zip(names, brown_documents(split)) if name[1] in BROWN_GENRES[corpus]]
+
+
+def text_file_split(text: str, split: str) -> str:
+    """One of three disjoint parts of a local text: the first 80% of its paragraphs (by characters)
+    for train, the next 10% for validation, the last 10% for test, so a search never sees the
+    text it is evaluated on. A text of fewer than ten paragraphs is cut by words instead."""
+    pieces = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    joiner = SEPARATOR
+    if len(pieces) < 10:
+        pieces, joiner = text.split(), " "
+    sizes = [len(p) + len(joiner) for p in pieces]
+    total, bounds, start = sum(sizes), {}, 0.0
+    for name, fraction in TEXT_FILE_SPLITS:
+        bounds[name] = (start, start + fraction)
+        start += fraction
+    lo, hi = bounds[split]
+    chosen, position = [], 0
+    for piece, size in zip(pieces, sizes):
+        middle = (position + size / 2) / total
+        if lo <= middle < hi or (hi >= 1.0 and middle >= lo):
+            chosen.append(piece)
+        position += size
+    return joiner.join(chosen)
+
+
 def load_text(corpus: str, split: str) -> str:
     """A corpus split as one text.
 
-    corpus: `brown` (embedded, prepared by setup), `wikitext2` or `c4` (Hugging Face hub), or a
-    path to a UTF-8 text file (the whole file whatever the split). split: train, validation, test.
+    corpus: `brown` (embedded, prepared by setup), `brown:informative` / `brown:imaginative` (its
+    genre halves), `wikitext2` or `c4` (Hugging Face hub), or a path to a UTF-8 text file (cut into
+    disjoint train / validation / test parts, `text_file_split`). split: train, validation, test.
     """
     check_split(split)
     if corpus == "brown":
         return brown_text(split)
+    if corpus in BROWN_GENRES:
+        return SEPARATOR.join(brown_genre_documents(corpus, split))
     if corpus == "wikitext2":
         return wikitext2_text(split)
     if corpus == "c4":
         return "\n\n".join(c4_documents(split))
-    return read_text_file(text_file(corpus))
+    return text_file_split(read_text_file(text_file(corpus)), split)
 
 
 def load_documents(corpus: str, split: str) -> list[str]:
@@ -323,6 +395,8 @@ def load_documents(corpus: str, split: str) -> list[str]:
     check_split(split)
     if corpus == "brown":
         return brown_documents(split)
+    if corpus in BROWN_GENRES:
+        return brown_genre_documents(corpus, split)
     if corpus == "c4":
         return c4_documents(split)
     return [load_text(corpus, split)]

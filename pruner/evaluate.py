@@ -11,11 +11,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 
-def check_context(model: nn.Module, tokens: int, what: str) -> None:
-    """PrunerError when `tokens` exceed the model's maximum positions (its config says how many)."""
+def check_context(config, tokens: int, what: str) -> None:
+    """PrunerError when `tokens` exceed the maximum positions that a model's config (`model.config`,
+    or one read alone with `models.read_config`) gives; nothing when it gives none."""
     from .errors import PrunerError
 
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and tokens > limit:
         raise PrunerError(f"{what} needs {tokens} positions, but the model takes at most {limit}")
 

@@ -18,11 +18,13 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for
 from .errors import PrunerError
+from .hub import hub_reachable
 from .paths import embedded_model_dir
 from .slicing import apply_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED = "embedded"
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch.save files: unpickling them can run code
 REPORT_FILE = "report.json"
 
 
@@ -90,6 +92,10 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PrunerError(f"{spec!r} is a directory but holds no config.json: it is not a model checkpoint")
+        pickled = [p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern)]
+        if pickled and not any(path.glob("*.safetensors")):
+            raise PrunerError(f"{spec!r} holds only pickled weights ({', '.join(sorted(pickled)[:3])}), which can run "
+                              "code and are never read: convert them to safetensors (model.safetensors)")
         return "local", str(path)
     if path.exists() or _looks_like_path(spec):
         raise PrunerError(f"no model directory at {spec!r}: give `embedded`, a local checkpoint directory, or a hub id")
@@ -114,7 +120,7 @@ def load_model(
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     # Where the hub cannot be reached, use only the local HF cache (no retries, a fast clear error).
-    local_only = kind == "hub" and not _hub_reachable()
+    local_only = kind == "hub" and not hub_reachable()
     try:
         if kind == "local" and is_pruned_dir(Path(location)):
             model = load_pruned(Path(location), dt, trust_remote_code)
@@ -132,6 +138,9 @@ def load_model(
                    else f" ({type(exc).__name__}: {str(exc).splitlines()[0]})")
                 + ". Offline, use `embedded` or a local checkpoint directory."
             ) from exc
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise PrunerError(f"the model at {location!r} needs code shipped with it, which is never run unasked: "
+                              "pass --trust-remote-code (trust_remote_code=True) only if you trust its author") from None
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PrunerError(f"could not load the model at {location!r} ({type(exc).__name__}: {reason}): "
                           "is it a complete checkpoint with safetensors weights?") from None
@@ -140,19 +149,18 @@ def load_model(
     return LoadedModel(model, tokenizer, adapter, spec, dev, dt)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub endpoint (skipped, False, when HF_HUB_OFFLINE is set)."""
-    import socket
-    from urllib.parse import urlparse
+def read_config(spec: str, trust_remote_code: bool = False):
+    """A local model's config alone (no weights read), to check a request before loading; None for a
+    hub id or a config that cannot be read here (loading the model then says why)."""
+    from transformers import AutoConfig
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    kind, location = resolve_spec(spec)
+    if kind != "local":
+        return None
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - load_model reports a damaged config with its reason
+        return None
 
 
 def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False) -> nn.Module:
@@ -180,7 +188,11 @@ def load_pruned(path: Path, dtype: torch.dtype, trust_remote_code: bool = False)
         state.update(load_file(str(file)))
     if not state:
         raise PrunerError(f"{path} has no .safetensors weights")
-    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    try:
+        result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes that differ from the recorded layout
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), "")[:200]
+        raise PrunerError(f"{path}: weights do not match the recorded layout ({first})") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied and not k.startswith("lm_head")]
     if missing or result.unexpected_keys:
@@ -241,14 +253,15 @@ def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict | None = No
     return publish_dir(Path(out), build, keep=(RUN_SUBDIR,))
 
 
-def model_summary(loaded: LoadedModel, granularity: str = "kv_group") -> dict:
+def model_summary(loaded: LoadedModel, granularity: str = "auto") -> dict:
     """Architecture, head/channel counts, parameter counts and the prunable units with their costs.
     A value that is the same in every layer is given once, else as a per-layer list."""
     from .evaluate import total_params
-    from .space import PruningSpace, check_granularity
+    from .space import UNIT_GRANULARITIES, PruningSpace, describe_units
 
-    space = PruningSpace.from_model(loaded.model, loaded.adapter, check_granularity(granularity))
+    space = PruningSpace.from_model(loaded.model, loaded.adapter, granularity)
     shapes, units = space.shapes, space.describe()
+    first = next((s for s in shapes if s.n_q), shapes[0])
 
     def one_or_list(values):
         return values[0] if len(set(values)) == 1 else values
@@ -266,6 +279,8 @@ def model_summary(loaded: LoadedModel, granularity: str = "kv_group") -> dict:
         "decoder_linear_params": space.decoder_linear_params(),
         "units": units | {"head_unit_cost": one_or_list(units["head_unit_cost"]),
                           "channel_unit_cost": one_or_list(units["channel_unit_cost"])},
+        "granularity": space.granularity,
+        "attention_unit_by_granularity": {g: describe_units(first, g) for g in UNIT_GRANULARITIES},
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
     }

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 ESTIMATORS = ("reference", "exact")
+BASELINES = ("moving", "loo", "none")
 INITS = ("sigmap", "const", "norm", "random")
 
 
@@ -143,22 +144,29 @@ def entropy(s: Tensor, eps: float = 1e-12) -> float:
 
 
 def pg_step(s: Tensor, masks: Tensor, losses: Tensor, baseline: float | None, lr: float, *,
-            estimator: str = "reference", window: int = 5, use_baseline: bool = True, penalty: float = 0.0,
+            estimator: str = "reference", window: int = 5, baseline_kind: str = "moving", penalty: float = 0.0,
             lr0: float | None = None) -> tuple[Tensor, float | None, Tensor]:
     """One update of the keep probabilities, before the budget projection, as a run composes it.
 
-        delta <- update_baseline(delta, L, T)              (0 without a baseline)
-        g      = 1/(K-1) sum_j (L_j - delta) score(m_j, s)  (policy_gradient)
+        delta <- update_baseline(delta, L, T)                (the moving average, always tracked)
+        c      = delta (moving) | mean_j L_j (loo) | 0 (none)
+        g      = 1/(K-1) sum_j (L_j - c) score(m_j, s)        (policy_gradient)
                + (lr / lr0) * penalty * (log(1-s) - log s)
         s     <- s - lr g
 
-    Returns (new s, new delta, the K per-sample terms). With the moving baseline, delta already
-    holds this step's mean loss with weight 1/T, so E[g] = (K - 1/T) / (K - 1) * dE[L]/ds (for the
-    exact score; the reference score scales each unit by sqrt(s(1-s)) as well): 1.8x at K=2, T=5.
-    The K sampled losses must be finite; drop the others before calling.
+    Returns (new s, new delta, the K per-sample terms). Expected step, for the exact score (the
+    reference score scales each unit by sqrt(s(1-s)) as well):
+    - moving: delta already holds this step's mean loss with weight 1/T, so
+      E[g] = (K - 1/T) / (K - 1) * dE[L]/ds (1.8x at K=2, T=5; the reference scripts);
+    - loo: c is this step's mean, and 1/(K-1) sum_j (L_j - mean L) = 1/K sum_j (L_j - mean of the
+      others): the leave-one-out baseline, E[g] = dE[L]/ds exactly;
+    - none: E[g] = K / (K - 1) * dE[L]/ds.
+    The K sampled losses must be finite.
     """
-    delta = update_baseline(baseline, losses, window) if use_baseline else baseline
-    centre = delta if use_baseline else 0.0
+    if baseline_kind not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline_kind!r}: choose one of {', '.join(BASELINES)}")
+    delta = update_baseline(baseline, losses, window)
+    centre = {"moving": delta, "loo": float(losses.mean()), "none": 0.0}[baseline_kind]
     per_sample = per_sample_gradients(losses, masks, s, centre, estimator)
     grad = policy_gradient(losses, masks, s, centre, estimator)
     if penalty:

@@ -54,26 +54,32 @@ def magnitude_channel_scores(channel_sq: Tensor, granularity: str) -> Tensor:
     return channel_sq.sum().sqrt().view(1) if granularity == "block" else channel_sq.sqrt()
 
 
-def standardize(scores: Tensor, eps: float = 1e-12) -> Tensor:
-    """z = (x - mean) / std, so scores of different layers or kinds can share one threshold."""
+def standardize(scores: Tensor, unbiased: bool = False) -> Tensor:
+    """z = (x - mean) / std, so scores of different layers or kinds can share one threshold
+    (`unbiased`: the n-1 std that torch.std uses by default, as FLAP's reference code does).
+    Constant scores (std 0) give zeros."""
     scores = scores.double()
-    return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+    if scores.numel() < 2:
+        return torch.zeros_like(scores)
+    std = scores.std(unbiased=unbiased)
+    return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
 
 
 def group_channels(channel_scores: Tensor, head_dim: int, group_size: int, granularity: str,
-                   reduce: str = "sum") -> Tensor:
+                   reduce: str = "sum", head_reduce: str = "sum") -> Tensor:
     """Per-channel scores of the o_proj input (n_q*head_dim,) -> per attention unit.
 
-    A query head sums its head_dim channels; a kv group combines its query heads with
-    `reduce` ("sum" or "mean"); a block sums everything.
+    A query head combines its head_dim channels with `head_reduce` ("sum" or "mean"); a kv group
+    combines its query heads with `reduce`; a block combines everything the same way.
     """
-    per_head = channel_scores.view(-1, head_dim).sum(1)
+    heads = channel_scores.view(-1, head_dim)
+    per_head = heads.mean(1) if head_reduce == "mean" else heads.sum(1)
     if granularity == "query_head":
         return per_head
     if granularity == "kv_group":
         grouped = per_head.view(-1, group_size)
         return grouped.mean(1) if reduce == "mean" else grouped.sum(1)
-    return per_head.sum().view(1)
+    return (per_head.mean() if reduce == "mean" else per_head.sum()).view(1)
 
 
 def wanda_sp_channel_scores(weight: Tensor, x_l2: Tensor) -> Tensor:
@@ -82,8 +88,19 @@ def wanda_sp_channel_scores(weight: Tensor, x_l2: Tensor) -> Tensor:
 
 
 def flap_channel_scores(weight: Tensor, x_var: Tensor) -> Tensor:
-    """FLAP fluctuation metric: Var_tokens(X_j) * ||W[:, j]||_2^2."""
-    return x_var.double() * weight.float().pow(2).sum(0).double()
+    """FLAP fluctuation metric (WIFV): Var_tokens(X_j) * ||W[:, j]||_2^2. FLAP's reference code squares
+    it once more for the o_proj input (`flap_attention_channel_scores`)."""
+    return x_var.double() * weight.double().pow(2).sum(0)
+
+
+def flap_attention_channel_scores(weight: Tensor, x_var: Tensor) -> Tensor:
+    """FLAP on the o_proj input: (Var(X_j) * ||W[:, j]||^2)^2, as the reference code scores heads."""
+    return flap_channel_scores(weight, x_var).pow(2)
+
+
+def taylor_salience(weight: Tensor, grad: Tensor) -> Tensor:
+    """LLM-Pruner's first-order Taylor importance per weight: |w * dL/dw| (element-wise, 'param_first')."""
+    return (weight.double() * grad.double()).abs()
 
 
 def flap_bias(weight: Tensor, x_mean: Tensor, removed: Tensor) -> Tensor:

@@ -21,13 +21,34 @@ from torch import Tensor, nn
 from .adapters import Adapter, LayerShape
 from .errors import PrunerError
 
-GRANULARITIES = ("kv_group", "query_head", "block")
+UNIT_GRANULARITIES = ("kv_group", "query_head", "block")
+GRANULARITIES = ("auto", *UNIT_GRANULARITIES)
 
 
 def check_granularity(granularity: str) -> str:
     if granularity not in GRANULARITIES:
         raise PrunerError(f"unknown granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     return granularity
+
+
+def resolve_granularity(shapes, granularity: str) -> str:
+    """`auto`: kv groups where every layer has at least two k/v heads; else query heads, since a
+    kv group that is a whole attention sublayer cannot be pruned partly (uniform methods could not
+    prune attention at all, and global ones would remove whole sublayers)."""
+    check_granularity(granularity)
+    if granularity != "auto":
+        return granularity
+    return "kv_group" if all(s.n_kv >= 2 for s in shapes if s.n_q) else "query_head"
+
+
+def describe_units(shape: LayerShape, granularity: str) -> str:
+    """What one attention unit is at `granularity`, in words, for a layer of `shape`."""
+    if granularity == "kv_group":
+        return (f"one k/v head with its {shape.group_size} query heads "
+                f"(1/{shape.n_kv} of a layer's attention)" + (": the whole sublayer" if shape.n_kv == 1 else ""))
+    if granularity == "query_head":
+        return f"one query head (1/{shape.n_q} of a layer's query heads; k/v heads stay while any query head uses them)"
+    return "a whole attention sublayer / a whole MLP sublayer"
 
 
 def check_ratio(ratio: float) -> float:
@@ -87,9 +108,9 @@ class PruningSpace:
     biases: tuple[LayerBiases, ...]
 
     @classmethod
-    def from_model(cls, model: nn.Module, adapter: Adapter, granularity: str = "kv_group") -> "PruningSpace":
-        check_granularity(granularity)
+    def from_model(cls, model: nn.Module, adapter: Adapter, granularity: str = "auto") -> "PruningSpace":
         shapes = tuple(adapter.layer_shapes(model))
+        granularity = resolve_granularity(shapes, granularity)
         biases = []
         for i in range(len(shapes)):
             lin = adapter.decoder_linears(model, i)

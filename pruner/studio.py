@@ -5,11 +5,19 @@ A run directory (under `paths.runs_dir()`) holds
     checkpoint.safetensors   policy-gradient state (resumable; tensors and JSON only)
     model/          the pruned model and its report.json, written when a run finishes or stops
 Jobs work on a private copy of the model: the cached model that pages read is never hooked or
-modified. Nothing here touches Streamlit; pages only read a job's state.
+modified. A job lets go of that copy and of its search when it ends: an ended run lives on disk
+only (its record, checkpoint and model), and resuming it reads its checkpoint. Nothing here
+touches Streamlit; pages only read a job's state.
+
+One heavy thing at a time: a run's job, or one What-if computation (`pruner.whatif`, the studio's
+`whatif` queue). What-if work waits while a run is going. A run starts at once (no page waits), and
+its thread waits for the What-if computation in flight, if any, before it copies the model; no new
+one begins until the run has ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,10 +39,12 @@ from .pg.checkpoint import has_checkpoint, load_checkpoint, read_settings
 from .pg.history import RunHistory
 from .pg.run import PGRun
 from .prune import apply, prune, report
-from .run_record import LIVE, RunRecord, read_record
+from .run_record import FINAL, LIVE, RunRecord, read_record
 from .space import PruningSpace
+from .whatif import WhatIfQueue, release_memory
 
 MODEL_SUBDIR = "model"
+SLOT_POLL_S = 0.5  # how often waiting What-if work looks whether the run has ended
 
 
 def new_run_id(config: PruneConfig) -> str:
@@ -58,11 +68,14 @@ class Job:
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
     A layer-by-layer run (an unstructured / N:M method, or any structured one with a
     reconstruction) appends each finished layer's record to `layers`; its progress counts layers.
-    The job's `RunRecord` is the one writer of `<dir>/status.json`.
+    The job's `RunRecord` is the one writer of `<dir>/status.json`. `loaded` is the shared model
+    until the job's turn comes (`wait_turn`), then the job's private copy of it. Once ended, the job
+    drops its copy and its search (`loaded` and `pg` become None); its history is then read from disk.
     """
 
-    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig):
+    def __init__(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig, wait_turn=None):
         self.id, self.dir, self.loaded, self.config = run_id, Path(run_dir), loaded, config
+        self._wait_turn = wait_turn  # called first in the job's thread: the studio's one-heavy-job rule
         self.pg: PGRun | None = None
         self._status = "created"
         self.error: str | None = None
@@ -72,6 +85,8 @@ class Job:
         self._stop_asked = False
         self.layers: list[dict] = []
         self.layerwise = get_method(config.method).sparse or config.reconstruct != "none"
+        self.n_layers = len(loaded.adapter.layers(loaded.model))  # counted now: an ended job drops its model
+        self._ended_at: tuple[int, int] | None = None  # (step, steps) when the job let go of its search
         self.record = RunRecord(self.dir, settings_of(loaded, config))
 
     # -- state read by pages ------------------------------------------------------------------
@@ -84,19 +99,28 @@ class Job:
 
     @property
     def is_alive(self) -> bool:
-        """True while the job works; its final status is set as the thread's very last act."""
+        """True while the job works; its final status is set as the thread's last act on the run."""
         return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
 
+    @property
+    def ended(self) -> bool:
+        return self._status in FINAL
+
     def history(self) -> dict:
-        return self.pg.history.read() if self.pg else RunHistory().read()
+        pg = self.pg
+        if pg is not None:
+            return pg.history.read()
+        return saved_history(self.dir) if self._ended_at else RunHistory().read()
 
     def progress(self) -> tuple[int, int]:
         """(done, total): search steps for policy gradient, else layers of a layer-by-layer run."""
-        if self.pg:
-            return self.pg.step, self.pg.config.steps
+        pg = self.pg
+        if pg is not None:
+            return pg.step, pg.config.steps
+        if self._ended_at:
+            return self._ended_at
         if self.layerwise:
-            total = len(self.loaded.adapter.layers(self.loaded.model))
-            return (total if self._status == "finished" else len(self.layers)), total
+            return (self.n_layers if self._status == "finished" else len(self.layers)), self.n_layers
         return (1, 1) if self._status == "finished" else (0, 1)
 
     def _layer_done(self, record: dict) -> None:
@@ -114,7 +138,7 @@ class Job:
 
     # -- control --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Begin (or continue after a stop) in a daemon thread."""
+        """Begin in a daemon thread (a job runs once; a stopped run resumes as a new job)."""
         if self.is_alive:
             raise PrunerError(f"run {self.id} is already going")
         self._status, self.error, self._stop_asked = "loading", None, False
@@ -143,6 +167,9 @@ class Job:
     # -- the work -------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
+            if self._wait_turn is not None:
+                self._wait_turn()
+            self.loaded = private_copy(self.loaded)  # hooks and pruning never touch the shared model
             if self.config.method == "pg":
                 ended = self._run_pg()
             else:
@@ -158,7 +185,10 @@ class Job:
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
         self._write(ended)
-        self._status = ended  # last: pages that see a final status find everything on disk
+        self._ended_at = self.progress()
+        self._status = ended  # pages that see a final status find everything on disk
+        self.pg = self.loaded = None  # the model copy and the search: an ended run lives on disk
+        release_memory()
 
     def _run_pg(self) -> str:
         """The PG loop, then slice and save its current hard mask; returns "finished" or "stopped"."""
@@ -193,12 +223,16 @@ class Job:
 
 
 class Studio:
-    """Every run of this process plus those on disk; at most one heavy job at a time."""
+    """Every run of this process plus those on disk, and the What-if queue; at most one heavy job
+    (a run, or one What-if computation) at a time."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else runs_dir()
         self.jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._slot = threading.Condition(self._lock)  # signalled when What-if work or a run's start ends
+        self._whatif_busy = False  # a What-if computation holds its memory
+        self.whatif = WhatIfQueue(self.whatif_slot)
 
     def folder(self, run_id: str) -> Path:
         """The folder of run `run_id`, strictly inside the runs folder (PrunerError otherwise)."""
@@ -214,41 +248,71 @@ class Studio:
             raise PrunerError(f"run {busy.id} is still going ({busy.status}); stop it or wait for it "
                               "before starting another: one heavy run at a time")
 
+    @contextlib.contextmanager
+    def whatif_slot(self, on_wait):
+        """Hold the heavy slot for one What-if computation. Waits while a run is going, calling
+        `on_wait(run_id)` (and `on_wait(None)` once it has the slot)."""
+        with self._slot:
+            while (busy := self.active()) is not None:
+                on_wait(busy.id)
+                self._slot.wait(SLOT_POLL_S)
+            on_wait(None)
+            self._whatif_busy = True
+        try:
+            yield
+        finally:
+            with self._slot:
+                self._whatif_busy = False
+                self._slot.notify_all()
+
+    def _whatif_done(self) -> None:
+        """A run's first act (in its thread): wait for the What-if computation in flight, if any."""
+        with self._slot:
+            self._slot.wait_for(lambda: not self._whatif_busy)
+
+    def _launch(self, run_id: str, run_dir: Path, loaded: LoadedModel, config: PruneConfig) -> Job:
+        """Register and start a job, unless a run is going. From here no What-if computation begins;
+        the job waits for the one in flight before it copies the model."""
+        with self._slot:
+            self._refuse_if_busy()
+            job = Job(run_id, run_dir, loaded, config, wait_turn=self._whatif_done)
+            self.jobs[run_id] = job
+            job.start()
+        return job
+
     def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
         """Start a new run of `config` on a private copy of `loaded`."""
         config = check_config(dataclasses.replace(config, run_dir=None))
         self._refuse_if_busy()
         run_id = new_run_id(config)
-        job = Job(run_id, self.folder(run_id), private_copy(loaded), config)
-        with self._lock:
-            self.jobs[run_id] = job
-        job.start()
-        return job
+        return self._launch(run_id, self.folder(run_id), loaded, config)
 
     def get(self, run_id: str) -> Job | None:
+        """The job of `run_id` while it has not ended, else None: an ended run is read from disk."""
         with self._lock:
-            return self.jobs.get(run_id)
+            job = self.jobs.get(run_id)
+            if job is not None and job.ended:
+                del self.jobs[run_id]
+                return None
+            return job
 
     def resume(self, run_id: str, load) -> Job:
         """Continue a stopped or interrupted policy-gradient run from its checkpoint.
-        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache)."""
+        `load(spec)` returns the LoadedModel for the run's model spec (the page's cache).
+        The new job continues from the run's checkpoint (an ended job keeps nothing in memory)."""
         self._refuse_if_busy()
-        job = self.get(run_id)
-        if job is None:
-            run_dir = self.folder(run_id)
-            if not has_checkpoint(run_dir):
-                raise PrunerError(f"run {run_id} has no checkpoint to resume from")
-            settings = read_settings(run_dir)
-            config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
-            job = Job(run_id, run_dir, private_copy(load(settings.get("model", "embedded"))), config)
-            with self._lock:
-                self.jobs[run_id] = job
-        if job.config.method != "pg":
-            raise PrunerError(f"run {run_id} is a {job.config.method} run: only policy-gradient runs resume")
-        if job.pg is not None and job.pg.step >= job.pg.config.steps:
+        run_dir = self.folder(run_id)
+        record = read_record(run_dir)
+        method = (record.get("settings") or {}).get("method", "pg")
+        if method != "pg":
+            raise PrunerError(f"run {run_id} is a {method} run: only policy-gradient runs resume")
+        if record.get("status") == "finished":
             raise PrunerError(f"run {run_id} has finished all its steps")
-        job.start()
-        return job
+        if not has_checkpoint(run_dir):
+            raise PrunerError(f"run {run_id} has no checkpoint to resume from")
+        settings = read_settings(run_dir)
+        config = PruneConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
+        return self._launch(run_id, run_dir, load(settings.get("model", "embedded")), config)
 
     def runs(self) -> list[dict]:
         """Every run directory, newest first, live jobs with their live state. A run whose

@@ -8,6 +8,12 @@ Protocols:
   inside it, repeated `n` times).
 Randomness always comes from a local `torch.Generator` seeded by the caller: the global RNG is
 never read or advanced, and the same seed gives the same windows.
+
+BOS: where a tokenizer starts every encoding with a beginning-of-sequence token (Llama-2, Gemma and
+others: `tokenizer(text).input_ids[0] == bos_token_id`), the model never sees text without it, so
+every window here is BOS + (seqlen - 1) text tokens (pass `bos=bos_id(tokenizer)`). The loss is
+taken on the text tokens only: position 0 is never a target. Tokenizers that add no BOS (the
+embedded SmolLM2) get plain windows of seqlen text tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +38,28 @@ def tokenize(tokenizer, text: str) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS id where the tokenizer prepends it by default (`tokenizer(text).input_ids` starts with
+    it), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_bos(rows: Tensor, bos: int | None) -> Tensor:
+    """Rows of text tokens (W, T) -> (W, T + 1) with BOS in front; unchanged when bos is None."""
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], 1)
+
+
+def text_length(seqlen: int, bos: int | None) -> int:
+    """Text tokens per window of seqlen tokens (one fewer with a BOS)."""
+    return seqlen - 1 if bos is not None else seqlen
+
+
 def check_window_args(seqlen: int, n: int | None = None, name: str = "n") -> None:
     """PrunerError unless seqlen >= 2 and (when given) the window count n >= 1."""
     if seqlen < 2:
@@ -52,33 +80,36 @@ def too_short(n_tokens: int, seqlen: int) -> PrunerError:
                        "(use a longer text or a smaller seqlen)")
 
 
-def eval_windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
+def eval_windows(ids: Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None) -> Tensor:
     """Non-overlapping windows from the start, remainder dropped: LongTensor[W, seqlen].
 
-    W = len(ids) // seqlen, or the first `max_windows` of them when given.
+    W = len(ids) // n with n = seqlen text tokens (seqlen - 1 after a BOS), or the first
+    `max_windows` of them when given.
     """
     check_window_args(seqlen, max_windows, "max_windows")
     check_ids(ids)
-    count = ids.numel() // seqlen
+    n = text_length(seqlen, bos)
+    count = ids.numel() // n if n else 0
     if count == 0:
         raise too_short(ids.numel(), seqlen)
     if max_windows is not None:
         count = min(count, max_windows)
-    return ids[:count * seqlen].reshape(count, seqlen).clone()
+    return with_bos(ids[:count * n].reshape(count, n).clone(), bos)
 
 
-def random_windows(ids: Tensor, n: int, seqlen: int, seed: int) -> Tensor:
-    """n windows with starts uniform in [0, len(ids) - seqlen]: LongTensor[n, seqlen]."""
+def random_windows(ids: Tensor, n: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
+    """n windows with starts uniform in [0, len(ids) - seqlen]: LongTensor[n, seqlen] (BOS first when given)."""
     check_window_args(seqlen, n)
     check_ids(ids)
-    if ids.numel() < seqlen:
+    length = text_length(seqlen, bos)
+    if ids.numel() < length or length < 1:
         raise too_short(ids.numel(), seqlen)
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=generator)
-    return ids[starts[:, None] + torch.arange(seqlen)]
+    starts = torch.randint(0, ids.numel() - length + 1, (n,), generator=generator)
+    return with_bos(ids[starts[:, None] + torch.arange(length)], bos)
 
 
-def document_windows(docs_token_ids: Sequence[Tensor], n: int, seqlen: int, seed: int) -> Tensor:
+def document_windows(docs_token_ids: Sequence[Tensor], n: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
     """The C4 calibration protocol (SparseGPT/Wanda): LongTensor[n, seqlen].
 
     n times: pick a random document until one is longer than seqlen tokens, then take the window
@@ -88,6 +119,8 @@ def document_windows(docs_token_ids: Sequence[Tensor], n: int, seqlen: int, seed
     check_window_args(seqlen, n)
     if len(docs_token_ids) == 0:
         raise PrunerError("no documents to draw calibration windows from")
+    if bos is not None:
+        return with_bos(document_windows(docs_token_ids, n, seqlen - 1, seed), bos)
     generator = torch.Generator().manual_seed(seed)
     too_short_docs: set[int] = set()
     windows = []
@@ -136,9 +169,16 @@ def calibration_windows(tokenizer, corpus: str, split: str, n: int, seqlen: int,
         per_tokenizer = {}
     key = (corpus, split, n, seqlen, seed)
     if key not in per_tokenizer:
+        bos = bos_id(tokenizer)
         if corpus == "c4":
-            windows = document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed)
+            windows = document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed, bos)
         else:
-            windows = random_windows(tokenize(tokenizer, load_text(corpus, split)), n, seqlen, seed)
+            windows = random_windows(tokenize(tokenizer, load_text(corpus, split)), n, seqlen, seed, bos)
         per_tokenizer[key] = windows
     return per_tokenizer[key]
+
+
+def corpus_windows(tokenizer, corpus: str, split: str, seqlen: int, max_windows: int | None = None) -> Tensor:
+    """The evaluation windows of a corpus split: tokenised once, non-overlapping, BOS first where
+    the tokenizer adds one (`eval_windows`)."""
+    return eval_windows(tokenize(tokenizer, load_text(corpus, split)), seqlen, max_windows, bos_id(tokenizer))

@@ -1,6 +1,8 @@
 """Every studio page in-process with Streamlit's AppTest: widgets, state and errors."""
 
+import contextlib
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -137,17 +139,57 @@ def test_compare_page_generates_with_both_models():
     assert list(table.columns) == ["dense", "pruned", "pruned / dense"]
 
 
-def test_whatif_page_prunes_and_sweeps():
+def run_until(at: AppTest, done, timeout: float = TIMEOUT) -> AppTest:
+    """Rerun the page (as its polling fragment would) until `done(at)`."""
+    deadline = time.time() + timeout
+    while not done(at):
+        assert time.time() < deadline, texts(at)
+        time.sleep(0.3)
+        at.run()
+        assert not at.exception, at.exception
+    return at
+
+
+def infos(at: AppTest) -> str:
+    return "\n".join(i.value for i in at.info)
+
+
+def test_whatif_page_works_in_the_background_and_sweeps():
+    import app_pages.common as common
+    from pruner.whatif import WhatIfQueue
+
+    manager = common.studio()
+    opened = threading.Event()
+
+    @contextlib.contextmanager
+    def slot(on_wait):  # the studio's heavy slot, first held shut until the test has changed the metric
+        assert opened.wait(TIMEOUT)
+        with manager.whatif_slot(on_wait):
+            yield
+
+    manager.whatif = WhatIfQueue(slot, eval_count=2)  # the page's queue, on 2 validation windows: quick
     at = page("app_pages/whatif.py")
+    # the script run ends before any pruning: the page shows what is queued instead of a result
+    assert not at.metric and "next: flap at ratio 0.30 (auto)" in infos(at)
     by_label(at.selectbox, "Metric").set_value("magnitude").run()
+    assert not at.metric and "next: magnitude at ratio 0.30 (auto) and 1 more" in infos(at)
+    opened.set()
+    run_until(at, lambda at: len(at.metric) == 4 and "..." not in at.metric[1].value)
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["Achieved ratio"]) == pytest.approx(0.3, abs=0.02)
     assert float(metrics["Perplexity"]) > float(metrics["Dense perplexity"])
+    assert manager.whatif.computed == 2  # magnitude and the dense model: the superseded flap never ran
+    # the chart names the setting it shows (the soak bench waits for this title)
+    assert "(magnitude, ratio 0.30, auto)" in at.get("plotly_chart")[0].proto.spec
     by_label(at.multiselect, "Methods").set_value(["magnitude"])
     by_label(at.multiselect, "Ratios").set_value([0.2, 0.4])
     by_label(at.button, "Run sweep").click().run()
     assert not at.exception, at.exception
-    assert at.get("plotly_chart")
+    assert len(at.get("plotly_chart")) == 1 and "magnitude at ratio 0.20 (auto)" in infos(at)
+    run_until(at, lambda at: len(at.get("plotly_chart")) == 2)
+    sweep = at.get("plotly_chart")[1].proto.spec.replace(" ", "")
+    assert '"name":"magnitude"' in sweep and '"name":"dense"' in sweep
+    assert not at.info and manager.whatif.computed == 4  # nothing left to work on: no polling
 
 
 def test_runs_page_empty_then_delete():
@@ -193,11 +235,18 @@ def test_prune_page_reconstruction_lowers_the_layer_errors():
 
 
 def test_whatif_page_reconstructs():
+    """The Reconstruct switch: the queue computes the refitted pruning, whose validation perplexity is
+    below the plain one, and the page adds the per-layer reconstruction errors."""
+    import app_pages.common as common
+    from pruner.whatif import WhatIfQueue
+
+    manager = common.studio()
+    manager.whatif = WhatIfQueue(manager.whatif_slot, eval_count=2)
     at = page("app_pages/whatif.py")
     by_label(at.selectbox, "Metric").set_value("magnitude").run()
+    run_until(at, lambda at: len(at.metric) == 4 and "..." not in at.metric[1].value)
     plain = float({m.label: m.value for m in at.metric}["Perplexity"])
     by_label(at.selectbox, "Reconstruct").set_value("ls").run()
-    assert not at.exception, at.exception
+    run_until(at, lambda at: len(at.get("plotly_chart")) == 2)  # kept fractions and the reconstruction errors
     refitted = float({m.label: m.value for m in at.metric}["Perplexity"])
     assert refitted < plain
-    assert len(at.get("plotly_chart")) == 2  # kept fractions and the reconstruction errors

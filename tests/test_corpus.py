@@ -130,12 +130,18 @@ def test_brown_not_prepared(tmp_path, monkeypatch):
             load("brown", "train")
 
 
-def test_text_file_is_every_split(tmp_path):
+def test_text_file_splits_are_disjoint_and_cover_it(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_text("Café notes.\n\nSecond paragraph.\n", encoding="utf-8")
-    for split in ("train", "validation", "test"):
-        assert load_text(str(path), split) == "Café notes.\n\nSecond paragraph.\n"
-    assert load_documents(str(path), "train") == ["Café notes.\n\nSecond paragraph.\n"]
+    paragraphs = [f"Paragraph {i} of café notes, {'word ' * (i % 7)}end." for i in range(40)]
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    parts = {split: load_text(str(path), split).split("\n\n") for split in ("train", "validation", "test")}
+    assert parts["train"] + parts["validation"] + parts["test"] == paragraphs  # in order, each exactly once
+    assert len(parts["train"]) > 4 * len(parts["test"]) > 0 and len(parts["validation"]) > 0
+    assert load_documents(str(path), "test") == [load_text(str(path), "test")]
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(f"w{i}" for i in range(100)))  # one paragraph: cut by words
+    words = [load_text(str(short), split).split() for split in ("train", "validation", "test")]
+    assert [len(w) for w in words] == [80, 10, 10] and sum(words, []) == [f"w{i}" for i in range(100)]
 
 
 def test_non_utf8_file(tmp_path):
@@ -171,6 +177,20 @@ def test_hub_corpora_offline(name, monkeypatch):
         assert isinstance(err.value.__cause__, ConnectionError)
 
 
+def test_brown_genre_halves_split_the_corpus(prepared, monkeypatch):
+    """brown:informative and brown:imaginative hold the documents of their genre letters, nothing else."""
+    from pruner import corpus
+
+    monkeypatch.setattr(corpus, "brown_dir", lambda: prepared[0])
+    for split in ("train", "validation", "test"):
+        names = corpus.brown_manifest()["splits"][split]["documents"]
+        docs = dict(zip(names, corpus.brown_documents(split)))
+        for half, letters in corpus.BROWN_GENRES.items():
+            expected = [docs[n] for n in names if n[1] in letters]
+            assert corpus.load_documents(half, split) == expected
+            assert load_text(half, split) == "\n\n".join(expected)
+
+
 def test_real_brown_splits_are_disjoint():
     manifest_path = brown_dir() / "manifest.json"
     if not manifest_path.is_file():
@@ -183,3 +203,5 @@ def test_real_brown_splits_are_disjoint():
     for split in ("train", "validation", "test"):
         assert load_text("brown", split).strip()
         assert len(load_documents("brown", split)) == len(names[split])
+        halves = [load_documents(half, split) for half in ("brown:informative", "brown:imaginative")]
+        assert all(halves) and len(halves[0]) + len(halves[1]) == len(names[split])

@@ -41,28 +41,29 @@ def test_estimator_is_unbiased_on_a_toy_objective(estimator):
 
 
 @pytest.mark.parametrize("estimator", ["exact", "reference"])
-@pytest.mark.parametrize("use_baseline", [True, False])
-def test_one_whole_step_matches_its_exact_expectation_by_enumeration(estimator, use_baseline):
-    """E[s_new] over every pair of K = 2 masks of 3 units equals s - lr * c * dE[L]/ds, where
-    c = (K - 1/T) / (K - 1) with the moving baseline (it holds this step's losses with weight 1/T)
-    and K / (K - 1) without; the reference score adds a factor sqrt(s(1-s)) per unit."""
+@pytest.mark.parametrize("baseline_kind", ["moving", "loo", "none"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_one_whole_step_matches_its_exact_expectation_by_enumeration(estimator, baseline_kind, k):
+    """E[s_new] over every K-tuple of masks of 3 units equals s - lr * c * dE[L]/ds, where
+    c = (K - 1/T) / (K - 1) with the moving baseline (it holds this step's losses with weight 1/T),
+    1 with leave-one-out, K / (K - 1) with none; the reference score adds sqrt(s(1-s)) per unit."""
     import itertools
 
     s = torch.tensor([0.3, 0.6, 0.8], dtype=torch.float64)
     a, b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 1.5
-    k, window, lr, previous = 2, 5, 0.1, 0.7
+    window, lr, previous = 5, 0.1, 0.7
     masks = [torch.tensor(m, dtype=torch.float64) for m in itertools.product([0.0, 1.0], repeat=3)]
     expected_s = torch.zeros(3, dtype=torch.float64)
     for pair in itertools.product(masks, repeat=k):
         m = torch.stack(pair)
         prob = float(torch.prod(torch.where(m == 1, s, 1 - s)))
         s_new, _, _ = pg_math.pg_step(s, m, toy_loss(m, a, b), previous, lr, estimator=estimator, window=window,
-                                      use_baseline=use_baseline)
+                                      baseline_kind=baseline_kind)
         expected_s += prob * s_new
     true = a.clone()
     true[0] += b * s[1]
     true[1] += b * s[0]
-    scale = (k - 1 / window) / (k - 1) if use_baseline else k / (k - 1)
+    scale = {"moving": (k - 1 / window) / (k - 1), "loo": 1.0, "none": k / (k - 1)}[baseline_kind]
     if estimator == "reference":
         true = true * (s * (1 - s) + 1e-8).sqrt()
     torch.testing.assert_close(expected_s, s - lr * scale * true, rtol=1e-6, atol=1e-9)

@@ -17,6 +17,7 @@ from pruner.studio import MODEL_SUBDIR, Studio, saved_history
 
 TINY_PG = PGConfig(steps=4, samples=2, batch_size=1, seqlen=16, init="const", eval_every=2, eval_windows=2,
                    snapshot_every=2, checkpoint_every=1)
+CALIB = 8  # calibration windows (bias compensation's means): enough for a test, seconds on a busy CPU
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def logits(loaded):
 def test_pg_job_runs_in_the_background_and_saves_its_model(tmp_path, embedded):
     before = logits(embedded)
     studio = Studio(tmp_path)
-    job = studio.start(embedded, PruneConfig(method="pg", ratio=0.3, pg=TINY_PG))
+    job = studio.start(embedded, PruneConfig(method="pg", ratio=0.3, calib_windows=CALIB, pg=TINY_PG))
     job.wait(300)
     assert job.status == "finished", job.error
     history = job.history()
@@ -64,7 +65,7 @@ def test_pg_job_runs_in_the_background_and_saves_its_model(tmp_path, embedded):
 
 def test_one_heavy_run_at_a_time_stop_resume_delete(tmp_path, embedded):
     studio = Studio(tmp_path)
-    long = PruneConfig(method="pg", ratio=0.3, pg=dataclasses.replace(TINY_PG, steps=10_000))
+    long = PruneConfig(method="pg", ratio=0.3, calib_windows=CALIB, pg=dataclasses.replace(TINY_PG, steps=10_000))
     job = studio.start(embedded, long)
     with pytest.raises(PrunerError, match="one heavy run at a time"):
         studio.start(embedded, PruneConfig(method="magnitude", ratio=0.3))
@@ -81,21 +82,25 @@ def test_one_heavy_run_at_a_time_stop_resume_delete(tmp_path, embedded):
     job.stop()
     job.wait(120)
     assert job.status == "stopped"
-    stopped_at = job.pg.step
+    stopped_at = job.progress()[0]
     assert (tmp_path / job.id / MODEL_SUBDIR / "config.json").is_file()  # a stopped run saves its hard mask
+    # an ended job has let go of its model copy and search; its run lives on disk
+    assert job.pg is None and job.loaded is None and studio.get(job.id) is None
+    assert job.history()["steps"][-1]["step"] == stopped_at
 
     again = studio.resume(job.id, lambda spec: embedded)
-    assert again is job
-    wait_until(lambda: job.pg.step > stopped_at + 1)
-    job.stop()
-    job.wait(120)
+    assert again is not job and again.config == job.config
+    wait_until(lambda: again.pg is not None and again.pg.step > stopped_at + 1)
+    assert again.history()["steps"][stopped_at - 1]["step"] == stopped_at  # continued, not restarted
+    again.stop()
+    again.wait(120)
     studio.delete(job.id)
     assert studio.runs() == [] and not (tmp_path / job.id).exists()
 
 
 def test_a_run_killed_with_its_process_shows_interrupted_and_resumes_from_disk(tmp_path, embedded):
     first = Studio(tmp_path)
-    long = PruneConfig(method="pg", ratio=0.4, pg=dataclasses.replace(TINY_PG, steps=10_000))
+    long = PruneConfig(method="pg", ratio=0.4, calib_windows=CALIB, pg=dataclasses.replace(TINY_PG, steps=10_000))
     job = first.start(embedded, long)
     wait_until(lambda: job.pg is not None and job.pg.step >= 3)
     job.pause()

@@ -144,3 +144,28 @@ def test_real_tokenizer_long_text_is_quiet(quiet):
     assert any("longer than the specified maximum" in m for m in collect.messages) is not quiet
     if quiet:
         assert ids.tolist() == tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tmp_path):
+    """A tokenizer that prepends BOS gets BOS + (seqlen - 1) text tokens in every kind of window;
+    one that adds none gets plain text windows."""
+    from tiny_models import tiny_corpus, word_tokenizer
+
+    from pruner.pg.run import training_blocks
+    from pruner.windows import bos_id, corpus_windows
+
+    path = tiny_corpus(tmp_path / "c.txt", words=3000)
+    with_bos, plain = word_tokenizer(bos=True), word_tokenizer(bos=False)
+    assert bos_id(with_bos) == 1 and bos_id(plain) is None and bos_id(WordTokenizer()) is None
+    text_ids = tokenize(plain, windows.load_text(str(path), "test"))
+    for tokenizer, bos in ((with_bos, 1), (plain, None)):
+        ev = corpus_windows(tokenizer, str(path), "test", 16)
+        cal = calibration_windows(tokenizer, str(path), "train", 5, 16, seed=0)
+        blocks = training_blocks(tokenize(tokenizer, windows.load_text(str(path), "train")), 16, 0, bos_id(tokenizer))
+        for rows in (ev, cal, blocks):
+            assert rows.shape[1] == 16
+            assert bool((rows[:, 0] == 1).all()) == (bos == 1)
+            assert not bool((rows[:, 1:] == 1).any())  # BOS only in front: every target is a text token
+        n = 15 if bos else 16
+        assert ev.shape[0] == len(text_ids) // n
+        torch.testing.assert_close(ev[:, 16 - n:].flatten(), text_ids[: ev.shape[0] * n])

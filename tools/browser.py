@@ -66,8 +66,15 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def serve_studio(runs_dir: Path, log_path: Path):
     """`streamlit run app.py` with its runs in `runs_dir`; yields the base URL once healthy."""
+    with studio_process(runs_dir, log_path) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def studio_process(runs_dir: Path, log_path: Path, env: dict | None = None):
+    """Like `serve_studio`, with more environment variables `env`; yields (base URL, the server's Popen)."""
     port = _free_port()
-    env = dict(os.environ, PRUNER_RUNS_DIR=str(runs_dir), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PRUNER_RUNS_DIR=str(runs_dir), HF_HUB_OFFLINE="1", **(env or {}))
     streamlit = Path(sys.executable).with_name("streamlit")
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -84,7 +91,7 @@ def serve_studio(runs_dir: Path, log_path: Path):
                 why = f"exited with {proc.returncode}" if proc.poll() is not None else "never became healthy"
                 raise StudioDidNotStart(f"streamlit {why}:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         _stop(proc)
         print(f"\nstreamlit log tail ({log_path}):\n{Path(log_path).read_text(errors='replace')[-2000:]}")
@@ -99,9 +106,36 @@ def set_number(page, label: str, value) -> None:
     from playwright.sync_api import expect
 
     field = page.get_by_label(label, exact=True)
+    field.wait_for(state="attached")
+    folded = field.locator("xpath=ancestor::details[1]")  # inside an st.expander: open it first
+    if folded.count() and folded.get_attribute("open") is None:
+        folded.locator("xpath=./summary").click()
+    expect(field).to_be_visible()
     field.fill(str(value))
     field.press("Enter")
     expect(field).to_have_value(str(value))
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the selectbox labelled `label`, and wait until the app has taken it."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_label(label, exact=True)
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    expect(box).to_have_value(option)
+    wait_for_app_idle(page)
+
+
+def toggle(page, label: str) -> None:
+    """Flip a checkbox, by its label."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_role("checkbox", name=label, exact=True)
+    was = box.is_checked()
+    page.get_by_text(label, exact=True).click()
+    expect(box).to_be_checked(checked=not was)
+    wait_for_app_idle(page)
 
 
 def wait_for_app_idle(page, timeout: float = 60) -> None:

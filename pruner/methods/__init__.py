@@ -6,11 +6,11 @@ A new method is one new file here that defines `METHOD = Method(...)`, plus its 
 from __future__ import annotations
 
 from ..errors import PrunerError
-from . import admm, flap, magnitude, magnitude_unstructured, pg, sparsegpt, wanda, wanda_sp
+from . import admm, flap, magnitude, magnitude_unstructured, pg, sparsegpt, taylor, wanda, wanda_sp
 from .base import Method, Selection, UnitScores
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    magnitude.METHOD, wanda_sp.METHOD, flap.METHOD, pg.METHOD,  # structured: remove heads and channels
+    magnitude.METHOD, wanda_sp.METHOD, flap.METHOD, taylor.METHOD, pg.METHOD,  # structured: remove heads and channels
     magnitude_unstructured.METHOD, wanda.METHOD, sparsegpt.METHOD, admm.METHOD,  # unstructured / N:M
 )}
 

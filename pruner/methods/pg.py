@@ -4,6 +4,7 @@ Selection; the loop itself is pruner.pg.run, the math pruner.pg_math."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +15,12 @@ from ..corpus import load_text
 from ..pg.run import PGRun, training_blocks
 from ..run_record import RunRecord
 from ..space import PruningSpace
-from ..windows import eval_windows, tokenize
-from . import flap, magnitude, wanda_sp
+from ..windows import bos_id, corpus_windows, tokenize
+from . import flap, magnitude, taylor, wanda_sp
 from .base import Method, Selection, UnitScores
 
 INIT_SCORES: dict[str, Callable] = {"flap": flap.unit_scores, "wanda-sp": wanda_sp.unit_scores,
-                                    "magnitude": magnitude.unit_scores}
+                                    "taylor": taylor.unit_scores, "magnitude": magnitude.unit_scores}
 
 
 def settings_of(loaded, config) -> dict:
@@ -32,8 +33,9 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None,
     """Tokenise the corpus, compute the init metric, and create a run, continued from run_dir's
     checkpoint when there is one."""
     pg = config.pg
-    blocks = training_blocks(tokenize(loaded.tokenizer, load_text(config.data, "train")), pg.seqlen, config.seed)
-    valid = eval_windows(tokenize(loaded.tokenizer, load_text(config.data, "validation")), pg.seqlen, pg.eval_windows)
+    blocks = training_blocks(tokenize(loaded.tokenizer, load_text(config.data, "train")), pg.seqlen, config.seed,
+                             bos_id(loaded.tokenizer))
+    valid = corpus_windows(loaded.tokenizer, config.data, "validation", pg.seqlen, pg.eval_windows)
     init_scores: UnitScores | None = None
     if pg.init != "random":
         init_scores = INIT_SCORES[pg.init_metric](loaded, space, config)
@@ -67,6 +69,8 @@ def select(loaded, space: PruningSpace, config) -> Selection:
     run_dir = Path(config.run_dir) if config.run_dir else None
     on_status = record_status(RunRecord(run_dir, settings_of(loaded, config))) if run_dir else None
     run = build_run(loaded, space, config, run_dir, on_status)
+    if run_dir:
+        tqdm.write(f"checkpoints in {run_dir}: continue an interrupted run with --resume {run_dir}", file=sys.stderr)
     bar = tqdm(total=run.config.steps, initial=run.step, desc="policy gradient", unit="step")
 
     def progress(record: dict) -> None:

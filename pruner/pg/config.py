@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 
 from ..budget import BUDGETS, SCOPES
 from ..errors import PrunerError
-from ..pg_math import ESTIMATORS, INITS
+from ..pg_math import BASELINES, ESTIMATORS, INITS
 
-INIT_METRICS = ("flap", "wanda-sp", "magnitude")
+INIT_METRICS = ("flap", "wanda-sp", "taylor", "magnitude")
 FORWARD_DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -38,7 +38,10 @@ class PGConfig:
     window: int = knob(5, "T of the moving-average baseline. It is updated with this step's losses before the "
                           "gradient, which scales the expected step by (K - 1/T) / (K - 1)", "Baseline window (T)",
                        1, 1_000_000)
-    use_baseline: bool = knob(True, "subtract the moving-average baseline from the losses", "Moving baseline")
+    baseline: str = knob("moving", "what the losses are centred on: moving (an average over steps, window T, "
+                                   "updated with this step's losses first, as the reference scripts do: it scales "
+                                   "the expected step by (K - 1/T)/(K - 1)); loo (leave-one-out: each sample against "
+                                   "the mean of the others, unbiased); none", "Baseline", choices=BASELINES)
     estimator: str = knob("reference", "reference: (L-b)(m-s)/sqrt(s(1-s)); exact: (L-b)(m-s)/(s(1-s))", "Estimator",
                           choices=ESTIMATORS)
     budget: str = knob("separate", "separate: heads and channels each keep 1-ratio in expectation; joint: one "

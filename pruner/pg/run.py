@@ -29,18 +29,21 @@ from ..errors import PrunerError
 from ..evaluate import token_nll, window_losses
 from ..masking import masked, stack_masks
 from ..space import Mask, PruningSpace
+from ..windows import text_length, with_bos
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import PGConfig
 from .history import RunHistory
 
 
-def training_blocks(ids: Tensor, seqlen: int, seed: int) -> Tensor:
-    """Non-overlapping blocks of the calibration token stream, shuffled with `seed` (reference:
-    C4 chunked into 128-token blocks, shuffled with a fixed seed); step t reads the next B."""
-    n = ids.numel() // seqlen
+def training_blocks(ids: Tensor, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
+    """Non-overlapping blocks of the calibration token stream (BOS first where the tokenizer adds
+    one), shuffled with `seed` (reference: C4 chunked into 128-token blocks, shuffled with a fixed
+    seed); step t reads the next B."""
+    length = text_length(seqlen, bos)
+    n = ids.numel() // length
     if n < 1:
         raise PrunerError(f"calibration text too short: {ids.numel()} tokens, fewer than one block of {seqlen}")
-    blocks = ids[: n * seqlen].view(n, seqlen)
+    blocks = with_bos(ids[: n * length].view(n, length), bos)
     return blocks[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
@@ -163,7 +166,7 @@ class PGRun:
         lr = pg_math.cosine_lr(self.step, cfg.steps, cfg.lr)
         s_new, baseline, per_sample = pg_math.pg_step(
             s, masks, losses, self.baseline, lr, estimator=cfg.estimator, window=cfg.window,
-            use_baseline=cfg.use_baseline, penalty=cfg.penalty, lr0=cfg.lr)
+            baseline_kind=cfg.baseline, penalty=cfg.penalty, lr0=cfg.lr)
         if not torch.isfinite(s_new).all():
             raise PrunerError(f"step {self.step + 1}: the update made keep probabilities non-finite (lr {lr:g}, "
                               f"penalty {cfg.penalty:g}); the search stopped: lower the learning rate or penalty")
