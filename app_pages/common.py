@@ -8,9 +8,13 @@ import json
 import plotly.graph_objects as go
 import streamlit as st
 
+from pruner import views
 from pruner.errors import PrunerError
+from pruner.evaluate import perplexity
 from pruner.models import load_model
 from pruner.studio import Studio
+from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS
+from pruner.windows import corpus_windows
 
 DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
@@ -51,6 +55,25 @@ def load_for_run(spec: str):
     """Loader handed to the run manager when it resumes a run from disk."""
     c = choices()
     return cached_model(spec, c["device"], c["dtype"])
+
+
+def validation_windows(loaded, data: str):
+    """The What-if queue's validation windows (the PG runs' default evaluation windows)."""
+    return corpus_windows(loaded.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
+
+
+@st.cache_data(show_spinner=False)
+def dense_ppl(spec: str, device: str, dtype: str, data: str) -> float:
+    """Validation perplexity of the session's model."""
+    model = cached_model(spec, device, dtype)
+    return perplexity(model.model, validation_windows(model, data))["ppl"]
+
+
+@st.cache_data(show_spinner="Measuring a saved model...", max_entries=64)
+def saved_model_ppl(path: str, device: str, dtype: str, data: str) -> float:
+    """Validation perplexity of a run's saved model, on the same windows."""
+    pruned = cached_model(path, device, dtype)
+    return perplexity(pruned.model, validation_windows(pruned, data))["ppl"]
 
 
 def show_error(exc: Exception) -> None:
@@ -137,3 +160,13 @@ def batch_times_figure(batches: list[dict]) -> go.Figure:
     fig.add_bar(x=xs, y=[b["dense_s"] for b in batches], name="dense")
     fig.add_bar(x=xs, y=[b["probe_s"] for b in batches], name="probe pruning (probe included)")
     return _layout(fig, "Forward wall time per batch", "batch", "seconds")
+
+
+def layer_errors_figure(records: list[dict], title: str) -> go.Figure:
+    """Per layer, the relative output error of its updated linears before and after the update."""
+    data = views.layer_errors(records)
+    fig = go.Figure()
+    fig.add_scatter(x=data["layer"], y=data["before"], mode="lines+markers", name="before the update (mask only)")
+    fig.add_scatter(x=data["layer"], y=data["after"], mode="lines+markers", name="after the update")
+    fig.update_yaxes(type="log", exponentformat="power")
+    return _layout(fig, title, "layer", "||XW'-XW||² / ||XW||² (mean over linears)")

@@ -2,15 +2,17 @@
 
 import streamlit as st
 
-from app_pages.common import (POLL_SECONDS, budget_figure, choices, current_model, heatmap_figure, layers_figure,
-                          load_for_run, loss_figure, ppl_figure, report_json, show_error, studio, variance_figure)
+from app_pages.common import (EVAL_SEQLEN, EVAL_WINDOWS, POLL_SECONDS, budget_figure, choices, current_model,
+                              dense_ppl, heatmap_figure, layer_errors_figure, layers_figure, load_for_run, loss_figure,
+                              ppl_figure, report_json, saved_model_ppl, show_error, studio, variance_figure)
 from pruner import views
-from pruner.config import PruneConfig
+from pruner.config import ADMM_MASKS, RECONSTRUCT, PruneConfig
 from pruner.errors import PrunerError
 from pruner.methods import METHODS
 from pruner.pg.config import PGConfig, pg_fields
 from pruner.prune import per_layer_report
 from pruner.space import GRANULARITIES
+from pruner.sparsity_masks import parse_sparsity_type
 from pruner.run_record import read_record
 from pruner.studio import saved_history, saved_report
 
@@ -18,6 +20,7 @@ st.title("Prune")
 c = choices()
 manager = studio()
 run_id = st.query_params.get("run")
+SPARSITY_TYPES = ["unstructured", "2:4", "4:8"]
 
 
 def opened_run_config() -> PruneConfig | None:
@@ -72,15 +75,45 @@ with st.container(border=True):
     names = list(METHODS)
     method = cols[0].selectbox("Method", names, index=names.index(shown.method), key=f"method{suffix}",
                                help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
-    ratio = cols[1].slider("Pruning ratio", 0.05, 0.9, float(shown.ratio), 0.05, key=f"ratio{suffix}",
-                           help="Fraction of decoder-linear parameters (q/k/v/o, gate/up/down) to remove")
-    granularity = cols[2].selectbox("Granularity", GRANULARITIES, index=GRANULARITIES.index(shown.granularity),
-                                    key=f"granularity{suffix}")
+    sparse = METHODS[method].sparse
+    granularity, sparsity_type, reconstruct, admm = shown.granularity, "unstructured", "none", {}
+    if sparse:
+        sparsity_type = cols[2].selectbox("Sparsity type", SPARSITY_TYPES, key=f"sparsity{suffix}",
+                                          index=SPARSITY_TYPES.index(shown.sparsity_type)
+                                          if shown.sparsity_type in SPARSITY_TYPES else 0,
+                                          help="Which single weights may go: any (unstructured), or N of every M "
+                                               "consecutive inputs (N:M). The result is a dense model with zeros.")
+    else:
+        granularity = cols[2].selectbox("Granularity", GRANULARITIES, index=GRANULARITIES.index(shown.granularity),
+                                        key=f"granularity{suffix}")
+    kind = parse_sparsity_type(sparsity_type)
+    if kind.is_nm:
+        ratio = kind.nm_sparsity
+        cols[1].metric("Sparsity", f"{ratio:g}", help=f"{kind} zeroes {ratio:g} of every linear's weights")
+    else:
+        ratio = cols[1].slider("Pruning ratio", 0.05, 0.9, float(shown.ratio), 0.05, key=f"ratio{suffix}",
+                               help="Fraction of every decoder linear's weights set to zero" if sparse else
+                               "Fraction of decoder-linear parameters (q/k/v/o, gate/up/down) to remove")
     seed = cols[3].number_input("Seed", 0, 10**6, int(shown.seed), key=f"seed{suffix}")
     calib_windows = cols[4].number_input("Calibration windows", 1, 4096, int(shown.calib_windows),
                                          key=f"calib{suffix}",
-                                         help="128-token windows of the train split for the metrics (and a metric "
-                                              "initialisation); more is steadier, slower")
+                                         help="128-token windows of the train split for the metrics, the layer-by-"
+                                              "layer statistics and a metric initialisation; more is steadier, slower")
+    cols = st.columns([1, 2, 1, 1, 1])
+    if not sparse:
+        reconstruct = cols[0].selectbox("Reconstruct", RECONSTRUCT, index=RECONSTRUCT.index(shown.reconstruct),
+                                        key=f"reconstruct{suffix}",
+                                        help="After the mask is chosen, refit the kept columns of o_proj and "
+                                             "down_proj and their bias layer by layer: ls (least squares) or admm "
+                                             "(the ADMM fixed-mask update)")
+    if method == "admm" or reconstruct == "admm":
+        if method == "admm":
+            admm["admm_mask"] = cols[1].selectbox("ADMM mask", ADMM_MASKS, index=ADMM_MASKS.index(shown.admm_mask),
+                                                  key=f"admm_mask{suffix}",
+                                                  help="gradual: the paper's cubic ramp; reselect: the released "
+                                                       "code, the full-sparsity mask re-chosen each iteration")
+        admm["admm_iterations"] = int(cols[2].number_input("ADMM iterations", 1, 10_000, int(shown.admm_iterations),
+                                                           key=f"admm_iterations{suffix}"))
     pg_values = {}
     if method == "pg":
         st.markdown("**Policy-gradient settings** (defaults sized for the embedded model on a 2-core CPU)")
@@ -99,7 +132,8 @@ if start:
     try:
         pg = PGConfig(**pg_values) if pg_values else PGConfig()
         config = PruneConfig(method=method, ratio=float(ratio), granularity=granularity, data=c["data"],
-                             seed=int(seed), calib_windows=int(calib_windows), pg=pg)
+                             seed=int(seed), calib_windows=int(calib_windows), pg=pg, sparsity_type=sparsity_type,
+                             reconstruct=reconstruct, **admm)
         job = manager.start(current_model(), config)
         st.query_params["run"] = job.id
         st.rerun()  # redraw the controls for the new run
@@ -120,8 +154,9 @@ if stop and job is not None:
     job.stop()
 
 if run_id is None:
-    st.info("Press **Start** to prune. With `pg` the run goes on in the background: charts update live, "
-            "and you can switch pages or reload; the run's id stays in the URL.")
+    st.info("Press **Start** to prune. The run goes on in the background (a `pg` search step by step, the "
+            "unstructured / N:M methods and reconstructions layer by layer): charts update live, and you can "
+            "switch pages or reload; the run's id stays in the URL.")
     st.stop()
 
 
@@ -141,14 +176,16 @@ def run_state() -> dict:
         info = job.info()
         history = job.history()
         current = _current_layers(run_id, info["step"], info["status"])
-        return {"info": info, "history": history, "per_layer": current, "report": job.report, "live": job.is_alive}
+        return {"info": info, "history": history, "per_layer": current, "report": job.report, "live": job.is_alive,
+                "layers": list(job.layers)}
     run_dir = manager.folder(run_id)
     if not run_dir.is_dir():
         return {}
     info = read_record(run_dir) | {"id": run_id}
     report = saved_report(run_dir)
     return {"info": info, "history": saved_history(run_dir), "report": report, "live": False,
-            "per_layer": report["per_layer"] if report else None}
+            "per_layer": report["per_layer"] if report else None,
+            "layers": report.get("weight_update", {}).get("per_layer", []) if report else []}
 
 
 def render(state: dict) -> None:
@@ -166,10 +203,16 @@ def render(state: dict) -> None:
         st.markdown(f"{icon} Run `{run_id}` is **{status}**"
                     + (" (loading data and computing the initialisation)" if status == "loading" else "")
                     + (" (slicing and saving the pruned model)" if status == "saving" else "")
-                    + (" — press Resume to continue from its checkpoint" if status in ("stopped", "interrupted") else ""))
+                    + (" — press Resume to continue from its checkpoint"
+                       if status in ("stopped", "interrupted") and info.get("settings", {}).get("method") == "pg"
+                       else ""))
         if status == "failed" and info.get("error"):
             st.error("The run failed; its traceback is below and on the Runs page.")
             st.code(info["error"])
+    settings = info.get("settings", {})
+    if settings.get("method") != "pg":
+        result_view(state)
+        return
     step, total = info.get("step", 0), info.get("steps", 1)
     with st.container(key="run_progress"):
         last = steps[-1] if steps else {}
@@ -210,6 +253,55 @@ def render(state: dict) -> None:
             st.plotly_chart(layers_figure(state["per_layer"], "Per-layer kept fraction of the "
                                           + ("current hard mask" if state["live"] else "saved model")),
                             width="stretch")
+    if state["layers"]:
+        errors_chart(state["layers"], settings)
+
+
+def errors_chart(layers: list[dict], settings: dict) -> None:
+    what = "reconstruction" if settings.get("reconstruct", "none") != "none" else "weight update"
+    with st.container(key="errors_chart"):
+        st.plotly_chart(layer_errors_figure(layers, f"Per-layer relative output error, {what}"), width="stretch")
+        st.caption("On the calibration inputs each layer sees after the earlier layers were pruned: before = the "
+                   "final mask on the original weights (with FLAP's bias where the method compensates), after = "
+                   "the updated weights.")
+
+
+def result_view(state: dict) -> None:
+    """Any run but a search: layers done (layer-by-layer runs), perplexity, per-layer charts."""
+    info, layers, report = state["info"], state["layers"], state["report"]
+    settings = info.get("settings", {})
+    method = METHODS.get(settings.get("method"))
+    if (method is not None and method.sparse) or settings.get("reconstruct", "none") != "none":
+        step, total = info.get("step", 0), info.get("steps", 1)
+        with st.container(key="run_progress"):
+            st.progress(min(1.0, step / max(total, 1)), text=f"layer {step} / {total}")
+            data = views.layer_errors(layers)
+            cols = st.columns(4)
+            cols[0].metric("Layers done", f"{len(layers)}")
+            cols[1].metric("Mean error before", f"{sum(data['before']) / len(data['before']):.4f}" if data["before"] else "-")
+            cols[2].metric("Mean error after", f"{sum(data['after']) / len(data['after']):.4f}" if data["after"] else "-")
+            cols[3].metric("Time per layer", f"{sum(r['time_s'] for r in layers) / len(layers):.1f} s" if layers else "-")
+    if report and info.get("has_model") and not state["live"]:
+        with st.spinner("Measuring validation perplexity..."):
+            pruned_ppl = saved_model_ppl(str(manager.root / run_id / "model"), c["device"], c["dtype"], c["data"])
+            base = dense_ppl(c["model_spec"], c["device"], c["dtype"], c["data"])
+        with st.container(key="run_result"):
+            cols = st.columns(4)
+            cols[0].metric("Validation perplexity", f"{pruned_ppl:.2f}", delta=f"{pruned_ppl / base:.2f}x dense",
+                           delta_color="off")
+            cols[1].metric("Dense perplexity", f"{base:.2f}")
+            cols[2].metric("Achieved ratio", f"{report['achieved_ratio']:.3f}")
+            cols[3].metric("Pruning time", f"{report['wall_time_s']:.1f} s")
+            st.caption(f"{EVAL_WINDOWS} validation windows of {EVAL_SEQLEN} tokens; the What-if sweep shows this "
+                       "run next to the metric methods.")
+            if "storage" in report:
+                st.info(f"Saved as {report['storage']}.")
+    if layers:
+        errors_chart(layers, settings)
+    if state.get("per_layer"):
+        with st.container(key="layers_chart"):
+            st.plotly_chart(layers_figure(state["per_layer"], "Per-layer kept fraction of the saved model"),
+                            width="stretch")
 
 
 def exports(state: dict) -> None:
@@ -217,9 +309,14 @@ def exports(state: dict) -> None:
     cols = st.columns(4)
     if report:
         cols[0].download_button("Report (JSON)", report_json(report), f"{run_id}-report.json", "application/json")
-        st.success(f"Pruned model saved in `{manager.root / run_id / 'model'}`: achieved ratio "
-                   f"{report['achieved_ratio']:.3f}, {report['params_after'] / 1e6:.1f} M parameters "
-                   f"(from {report['params_before'] / 1e6:.1f} M). Compare it on the **Compare** page.")
+        if "storage" in report:  # unstructured / N:M: zeros, nothing removed
+            size = (f"{report['achieved_ratio']:.3f} of the decoder-linear parameters are zero, stored dense "
+                    f"({report['params_after'] / 1e6:.1f} M parameters)")
+        else:
+            size = (f"achieved ratio {report['achieved_ratio']:.3f}, {report['params_after'] / 1e6:.1f} M parameters "
+                    f"(from {report['params_before'] / 1e6:.1f} M)")
+        st.success(f"Pruned model saved in `{manager.root / run_id / 'model'}`: {size}. "
+                   "Compare it on the **Compare** page.")
     # files are made when a button is pressed (deferred), not on every rerun of the page
     if history["steps"]:
         cols[1].download_button("Curves (CSV)", lambda: views.curves_csv(history["steps"]), f"{run_id}-curves.csv",

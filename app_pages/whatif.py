@@ -7,7 +7,9 @@ at a time, a newer change replaces queued ones, none while a run is going) and p
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import POLL_SECONDS, choices, current_model, layers_figure, studio
+from app_pages.common import POLL_SECONDS, choices, current_model, layer_errors_figure, layers_figure, studio
+from pruner import views
+from pruner.config import RECONSTRUCT
 from pruner.space import GRANULARITIES
 from pruner.whatif import CALIB_WINDOWS, EVAL_SEQLEN, EVAL_WINDOWS, WhatIf, describe_state
 
@@ -25,11 +27,15 @@ METRIC_METHODS = ["flap", "wanda-sp", "taylor", "magnitude"]
 SWEEP_GRANULARITY = "auto"
 model_key = (c["model_spec"], c["device"], c["dtype"])
 
-cols = st.columns([1, 3, 1])
+cols = st.columns([1, 3, 1, 1])
 method = cols[0].selectbox("Metric", METRIC_METHODS)
 ratio = cols[1].slider("Ratio", 0.05, 0.8, 0.3, 0.05, help="Fraction of decoder-linear parameters removed")
 granularity = cols[2].selectbox("Granularity", GRANULARITIES)
-current = WhatIf.pruning(*model_key, c["data"], method, ratio, granularity)
+reconstruct = cols[3].selectbox("Reconstruct", RECONSTRUCT,
+                                help="Refit the kept columns of o_proj and down_proj and their bias layer by layer "
+                                     "after the mask is chosen: ls (least squares) or admm (ADMM fixed-mask update); "
+                                     "slower than the metric alone")
+current = WhatIf.pruning(*model_key, c["data"], method, ratio, granularity, reconstruct)
 dense = WhatIf.dense(*model_key, c["data"])
 result_box = st.container()
 
@@ -37,19 +43,21 @@ st.subheader("Sweep: perplexity vs ratio")
 cols = st.columns([3, 2, 1])
 methods = cols[0].multiselect("Methods", METRIC_METHODS, ["flap", "wanda-sp"])
 ratios = sorted(cols[1].multiselect("Ratios", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5]))
-sweep_key = (model_key, c["data"], tuple(methods), tuple(ratios))
+sweep_key = (model_key, c["data"], tuple(methods), tuple(ratios), reconstruct)
 if cols[2].button("Run sweep", type="primary", disabled=not (methods and ratios)):
     st.session_state["sweep"] = sweep_key
 sweeping = st.session_state.get("sweep") == sweep_key
 sweep_box = st.container()
-sweep = {m: [WhatIf.pruning(*model_key, c["data"], m, r, SWEEP_GRANULARITY) for r in ratios] for m in methods} \
+sweep = {m: [WhatIf.pruning(*model_key, c["data"], m, r, SWEEP_GRANULARITY, reconstruct) for r in ratios]
+         for m in methods} \
     if sweeping else {}
-pg_runs = [info for info in (manager.runs() if sweeping else [])
-           if info.get("has_model") and info.get("settings", {}).get("method") == "pg"
-           and info["settings"].get("model") == c["model_spec"] and info["settings"].get("data") == c["data"]]
-pg_points = [(info["settings"]["ratio"], info["id"], WhatIf.saved(info["dir"] + "/model", c["device"], c["dtype"],
-                                                                   c["data"])) for info in pg_runs]
-wanted = [current, dense] + [w for points in sweep.values() for w in points] + [w for _, _, w in pg_points]
+saved_runs = [info for info in (manager.runs() if sweeping else [])  # searches, unstructured / N:M, reconstructed
+              if info.get("has_model") and views.run_kind(info.get("settings", {})) != "metric"
+              and info["settings"].get("model") == c["model_spec"] and info["settings"].get("data") == c["data"]]
+pg_points = [(info["settings"]["ratio"], f"{views.run_label(info['settings'])} · {info['id']}",
+              WhatIf.saved(info["dir"] + "/model", c["device"], c["dtype"], c["data"]), views.run_kind(info["settings"]))
+             for info in saved_runs]
+wanted = [current, dense] + [w for points in sweep.values() for w in points] + [w for _, _, w, _ in pg_points]
 queue.submit(wanted, loaded)
 
 
@@ -86,9 +94,13 @@ def show_result() -> None:
         st.plotly_chart(layers_figure(result["per_layer"],
                                       f"Per-layer kept fraction ({method}, ratio {ratio:.2f}, {granularity})"),
                         width="stretch")
+    if result.get("layer_errors"):
+        with st.container(key="whatif_errors"):
+            st.plotly_chart(layer_errors_figure(result["layer_errors"], f"Per-layer relative output error, "
+                                                f"{reconstruct} reconstruction"), width="stretch")
 
 
-SWEEP_NEEDED = [w for points in sweep.values() for w in points] + [w for _, _, w in pg_points] + [dense]
+SWEEP_NEEDED = [w for points in sweep.values() for w in points] + [w for _, _, w, _ in pg_points] + [dense]
 
 
 def show_sweep() -> None:
@@ -105,13 +117,17 @@ def show_sweep() -> None:
     for error in sorted({r["error"] for r in results.values() if "error" in r}):
         st.error(error)
     fig = go.Figure()
+    suffix = f" + {reconstruct}" if reconstruct != "none" else ""
     for m, points in sweep.items():
         ok = [(w.ratio, results[w]["ppl"]) for w in points if "ppl" in results[w]]
-        fig.add_scatter(x=[p[0] for p in ok], y=[p[1] for p in ok], mode="lines+markers", name=m)
-    stars = [(r, results[w]["ppl"], run_id) for r, run_id, w in pg_points if "ppl" in results[w]]
-    if stars:
-        fig.add_scatter(x=[p[0] for p in stars], y=[p[1] for p in stars], mode="markers", name="pg runs",
-                        text=[p[2] for p in stars], marker=dict(size=12, symbol="star"))
+        fig.add_scatter(x=[p[0] for p in ok], y=[p[1] for p in ok], mode="lines+markers", name=m + suffix)
+    symbols = {"pg": "star", "unstructured / N:M": "diamond", "reconstructed": "x"}
+    for kind in dict.fromkeys(k for _, _, _, k in pg_points):
+        stars = [(r, results[w]["ppl"], label) for r, label, w, k in pg_points if k == kind and "ppl" in results[w]]
+        if stars:
+            name = "pg runs" if kind == "pg" else f"{kind} runs"
+            fig.add_scatter(x=[p[0] for p in stars], y=[p[1] for p in stars], mode="markers", name=name,
+                            text=[p[2] for p in stars], marker=dict(size=12, symbol=symbols.get(kind, "circle")))
     if "ppl" in results[dense]:
         # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
         fig.add_scatter(x=[min(ratios), max(ratios)], y=[results[dense]["ppl"]] * 2, mode="lines", name="dense",

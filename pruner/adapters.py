@@ -235,6 +235,21 @@ class Adapter:
             out[which] = (linear.bias if linear is not None else getattr(holder, "bias", None)) is not None
         return out
 
+    def input_groups(self, model: nn.Module, i: int) -> list[tuple[str, ...]]:
+        """The existing linears of layer i grouped by the tensor they read: q/k/v read the normed
+        hidden states, gate/up the normed residual, o_proj and down_proj each their own input. One
+        group shares one set of input statistics (pruner.sequential)."""
+        present = self.decoder_linears(model, i)
+        groups = (ATTENTION_LINEARS[:3], ("o_proj",), MLP_LINEARS[:2], ("down_proj",))
+        return [kept for kept in (tuple(n for n in g if n in present) for g in groups) if kept]
+
+    def run_layer(self, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+        """A decoder layer (one of `layers(model)`, or a copy of one) on `hidden` (B, T, H) with the
+        keyword arguments the decoder passed it (position embeddings, attention mask, ...): its
+        output hidden states."""
+        out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
     # ---- reshaping ----------------------------------------------------------------------------
     def slice_attention(self, model: nn.Module, i: int, q_heads: Tensor, kv_heads: Tensor) -> None:
         """Keep query heads `q_heads` and key/value heads `kv_heads` of layer i (sorted, so new head j

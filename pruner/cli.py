@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import ADMM_MASKS, RECONSTRUCT
 from .dispatch import DEVICE_MAPS
 from .errors import PrunerError
 from .space import GRANULARITIES
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--ratio", type=float, default=None, help="fraction of decoder-linear parameters to remove, in (0, 1)")
-    p.add_argument("--granularity", default="auto", help=f"one of {', '.join(GRANULARITIES)} (auto: kv_group where "
-                   "every layer has at least two k/v heads, else query_head)")
+    p.add_argument("--granularity", default=None, help=f"structured methods: one of {', '.join(GRANULARITIES)} "
+                   "(default auto: kv_group where every layer has at least two k/v heads, else query_head)")
     p.add_argument("--data", default="brown", help="calibration corpus (methods that use data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows for metric scores")
@@ -117,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="policy gradient: continue the run checkpointed in DIR with its own settings")
     p.add_argument("--json", action="store_true")
+    sparse = p.add_argument_group("unstructured / N:M sparsity (--method admm, sparsegpt, wanda, "
+                                  "magnitude-unstructured); the result is a dense model with zeros")
+    sparse.add_argument("--sparsity-type", default=None,
+                        help="unstructured (default), 2:4 or 4:8 (N:M: --ratio is 1 - N/M and may be left out)")
+    sparse.add_argument("--admm-mask", choices=ADMM_MASKS, default=None,
+                        help="admm: gradual (the paper's cubic ramp, default) or reselect (the released code)")
+    sparse.add_argument("--admm-iterations", type=int, default=None, help="admm (and --reconstruct admm): "
+                        "ADMM iterations (default 20)")
+    p.add_argument("--reconstruct", choices=RECONSTRUCT, default="none",
+                   help="structured methods: refit the kept columns of o_proj and down_proj and their bias "
+                        "on sequential calibration inputs after the mask is chosen (ls: least squares, "
+                        "admm: the ADMM fixed-mask update; default none)")
     _pg_args(p.add_argument_group("policy gradient (--method pg)"))
 
     p = sub.add_parser("generate", help="greedy generation from a prompt")
@@ -217,10 +230,11 @@ def prune_config_from_args(args, write: bool = True):
     `write=False` (ranks other than 0) leaves the folders alone: rank 0 has recovered them."""
     from .config import PruneConfig
     from .fileio import recover
-    from .methods import get_method
+    from .methods import check_config, get_method
     from .models import RUN_SUBDIR
     from .pg.checkpoint import read_settings
     from .pg.config import PGConfig, pg_fields
+    from .sparsity_masks import parse_sparsity_type
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -236,9 +250,15 @@ def prune_config_from_args(args, write: bool = True):
         except PrunerError as exc:
             raise PrunerError(f"the settings recorded in {run_dir} are not usable ({exc}): start a new run") from None
         return dataclasses.replace(config, run_dir=str(run_dir))
-    if args.ratio is None:
-        raise PrunerError("--ratio is required: the fraction of decoder-linear parameters to remove, e.g. --ratio 0.3")
-    get_method(args.method)
+    method = get_method(args.method)
+    _check_flags(args, method)
+    sparsity_type = str(parse_sparsity_type(args.sparsity_type or "unstructured"))
+    ratio = args.ratio
+    if ratio is None:
+        kind = parse_sparsity_type(sparsity_type)
+        if not kind.is_nm:
+            raise PrunerError("--ratio is required: the fraction of decoder-linear parameters to remove, e.g. --ratio 0.3")
+        ratio = kind.nm_sparsity
     pg = PGConfig(**{f.name: getattr(args, f"pg_{f.name}") for f in pg_fields()})
     run_dir = None
     if args.method == "pg":
@@ -247,8 +267,25 @@ def prune_config_from_args(args, write: bool = True):
             raise PrunerError(f"--run-dir {run_dir} is a file: give a folder for the search's checkpoints")
     elif args.run_dir:
         raise PrunerError(f"--run-dir holds a search's checkpoints: it applies only to --method pg, not {args.method}")
-    return PruneConfig(method=args.method, ratio=args.ratio, granularity=args.granularity, data=args.data,
-                       seed=args.seed, calib_windows=args.calib_windows, pg=pg, run_dir=run_dir).validate()
+    admm = {k: v for k, v in (("admm_mask", args.admm_mask), ("admm_iterations", args.admm_iterations)) if v is not None}
+    return check_config(PruneConfig(method=args.method, ratio=ratio, granularity=args.granularity or "auto",
+                                    data=args.data, seed=args.seed, calib_windows=args.calib_windows, pg=pg,
+                                    run_dir=run_dir, sparsity_type=sparsity_type, reconstruct=args.reconstruct,
+                                    **admm))
+
+
+def _check_flags(args, method) -> None:
+    """Flags that do not fit the method: a one-line error instead of being ignored."""
+    if args.sparsity_type is not None and not method.sparse:
+        raise PrunerError(f"--sparsity-type is for the methods that zero single weights (admm, sparsegpt, wanda, "
+                          f"magnitude-unstructured); {method.name} removes whole heads and channels")
+    if method.sparse and args.granularity is not None:
+        raise PrunerError(f"--granularity chooses the units a structured method removes; {method.name} zeroes "
+                          "single weights (choose the pattern with --sparsity-type)")
+    if args.admm_mask is not None and method.name != "admm":
+        raise PrunerError(f"--admm-mask is a setting of --method admm, not of {method.name}")
+    if args.admm_iterations is not None and method.name != "admm" and args.reconstruct != "admm":
+        raise PrunerError("--admm-iterations is a setting of --method admm and of --reconstruct admm")
 
 
 def cmd_prune(args) -> dict | None:

@@ -12,11 +12,26 @@ from dataclasses import dataclass, field
 from .errors import PrunerError
 from .pg.config import PGConfig
 from .space import check_granularity, check_ratio
+from .sparsity_masks import parse_sparsity_type, resolve_sparsity
+
+RECONSTRUCT = ("none", "ls", "admm")
+ADMM_MASKS = ("gradual", "reselect")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Settings shared by all methods. `ratio` is the fraction of decoder-linear parameters removed."""
+    """Settings shared by all methods. `ratio` is the fraction of decoder-linear parameters removed;
+    for the unstructured / N:M methods (admm, sparsegpt, wanda, magnitude-unstructured) it is the
+    fraction of every decoder linear's weights set to zero (1 - N/M for N:M).
+
+    sparsity_type: those methods' pattern, "unstructured", "2:4" or "4:8" (any "N:M").
+    reconstruct: after a structured method chose its mask, refit the kept columns of o_proj and
+        down_proj and their bias on sequential calibration inputs: "ls" (least squares with an
+        intercept) or "admm" (the ADMM fixed-mask update); "none" keeps the method's own result.
+    admm_mask: the ADMM method's mask schedule, "gradual" (the paper's cubic ramp) or "reselect"
+        (the released code: the full-sparsity mask re-chosen during the first iterations).
+    admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)).
+    """
 
     method: str = "magnitude"
     ratio: float = 0.3
@@ -27,6 +42,10 @@ class PruneConfig:
     calib_seqlen: int = 128
     pg: PGConfig = field(default_factory=PGConfig)
     run_dir: str | None = None  # policy gradient: where checkpoints go (resumable)
+    sparsity_type: str = "unstructured"
+    reconstruct: str = "none"
+    admm_mask: str = "gradual"
+    admm_iterations: int = 20
 
     def validate(self) -> "PruneConfig":
         check_ratio(self.ratio)
@@ -36,6 +55,17 @@ class PruneConfig:
                               f"tokens (calib_seqlen), got {self.calib_windows} of {self.calib_seqlen}")
         if self.method == "pg":
             self.pg.validate()
+        kind = parse_sparsity_type(self.sparsity_type)
+        if kind.is_nm and abs(self.ratio - kind.nm_sparsity) > 1e-6:
+            raise PrunerError(f"{kind} sparsity zeroes {kind.nm_sparsity:g} of every linear's weights: "
+                              f"use ratio {kind.nm_sparsity:g} (got {self.ratio:g})")
+        resolve_sparsity(self.ratio, kind)
+        if self.reconstruct not in RECONSTRUCT:
+            raise PrunerError(f"unknown reconstruction {self.reconstruct!r}: choose one of {', '.join(RECONSTRUCT)}")
+        if self.admm_mask not in ADMM_MASKS:
+            raise PrunerError(f"unknown ADMM mask schedule {self.admm_mask!r}: choose one of {', '.join(ADMM_MASKS)}")
+        if not 1 <= self.admm_iterations <= 10_000:
+            raise PrunerError(f"ADMM iterations must lie in [1, 10000], got {self.admm_iterations}")
         return self
 
     def to_dict(self) -> dict:

@@ -12,7 +12,8 @@ Methods:
   weight update and gradual pruning; our notes, algorithms.md Sec. 3).
 - `admm_fixed_mask`: the same iterations for a mask chosen elsewhere (Wanda, a structured mask).
 - `least_squares_on_support`: the direct solve per output row that ADMM converges to.
-- `refit_kept_columns`: least squares with an intercept after removing whole input columns.
+- `refit_kept_columns`: least squares with an intercept after removing whole input columns;
+  `admm_refit_columns` the same problem by the fixed-mask ADMM iterations.
 - `sparsegpt_prune`: SparseGPT (Frantar & Alistarh, arXiv 2301.00774, Alg. 1).
 - `relative_output_error`: the error above divided by ||X W^T||_F^2, from G alone.
 
@@ -112,18 +113,19 @@ MaskRule = Callable[[int, Tensor, Tensor], Tensor]
 
 
 def _admm_iterations(v0: Tensor, g_n: Tensor, mask_t: Tensor, iterations: int, rho: float,
-                     choose_mask: MaskRule) -> tuple[Tensor, Tensor]:
+                     choose_mask: MaskRule, b: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The paper's ADMM iterations (algorithms.md Sec. 3), in normalised coordinates.
 
-    Problem: min_V (V - V0)^T G_n (V - V0)  s.t.  V = Z, Z zero outside the mask M.
-        B = G_n V0;  Ginv = (G_n + rho I)^-1   (one inverse, rho fixed)
+    Problem: min_V (V - V0)^T G_n (V - V0)  s.t.  V = Z, Z zero outside the mask M
+    (or, with `b` given, min_V V^T G_n V - 2 V^T b, whose minimiser solves G_n V = b).
+        B = G_n V0 (or b);  Ginv = (G_n + rho I)^-1   (one inverse, rho fixed)
         U = 0;  V = V0
         repeat: M <- choose_mask(t, V + U, M)
                 Z = (V + U) * M;  U = U + V - Z;  V = Ginv (B + rho (Z - U))
         return Z = (V + U) * M
     `mask_t` and the returned mask are (d_in, d_out), like V.
     """
-    b = g_n @ v0  # (d_in, d_out)
+    b = g_n @ v0 if b is None else b  # (d_in, d_out)
     ginv = _spd_inverse(g_n + rho * torch.eye(g_n.shape[0], dtype=g_n.dtype, device=g_n.device))
     u = torch.zeros_like(v0)  # (d_in, d_out)
     v = v0.clone()
@@ -215,7 +217,7 @@ def admm_update(weight: Tensor, gram: Tensor, sparsity: float | None,
 
 
 def admm_fixed_mask(weight: Tensor, gram: Tensor, mask: Tensor, iterations: int = 20,
-                    rho: float = 1.0, damp: float = 0.1) -> Tensor:
+                    rho: float = 1.0, damp: float = 0.1, cross: Tensor | None = None) -> Tensor:
     """Update the weights kept by a given keep-mask (d_out, d_in) by ADMM (the paper's
     fixed-mask weight update, which its gradual variant builds on).
 
@@ -226,19 +228,41 @@ def admm_fixed_mask(weight: Tensor, gram: Tensor, mask: Tensor, iterations: int 
     ~2000 iterations), but as fast again with rho lowered alongside it (rho = 0.1).
     A structured mask (whole input columns False) is a special case:
     the removed columns stay zero and the kept ones absorb what they can of their output.
+
+    `cross` = X^T X_t (d_in, d_in) changes the target from X W^T to X_t W^T, the outputs of the
+    original layer on other inputs X_t of the same tokens (the dense model's, when X comes from an
+    already pruned one): min ||X W'^T - X_t W^T||^2 + the same damping towards W, whose normal
+    equations in the normalised coordinates are (G_n + delta I) V = D^-1 X^T X_t W^T + delta V0
+    (delta = damp * mean(diag G_n)); with X_t = X it is the problem above.
     Returns the new weight (d_out, d_in) in the weight's dtype, zero outside the mask.
     """
     _check_shapes(weight, gram, mask)
     _check_admm_args(iterations, rho, damp)
     v0, g_n, norm = _normalised_problem(weight, gram, damp)
     mask_t = mask.to(device=weight.device, dtype=torch.bool).T  # (d_in, d_out)
-    z, _ = _admm_iterations(v0, g_n, mask_t, iterations, rho, lambda t, vu, m: m)
+    b = _cross_rhs(weight, gram, cross, v0, g_n, norm)
+    z, _ = _admm_iterations(v0, g_n, mask_t, iterations, rho, lambda t, vu, m: m, b)
     return _denormalise(z, norm, weight.dtype)
+
+
+def _cross_rhs(weight: Tensor, gram: Tensor, cross: Tensor | None, v0: Tensor, g_n: Tensor,
+               norm: Tensor) -> Tensor | None:
+    """D^-1 X^T X_t W^T + delta V0 in the normalised coordinates (None without a cross term, where
+    it is the damped G_n V0)."""
+    if cross is None:
+        return None
+    if tuple(cross.shape) != tuple(gram.shape):
+        raise PrunerError(f"cross must have the gram's shape {tuple(gram.shape)}, got {tuple(cross.shape)}")
+    g = _as_f64(gram, weight.device)
+    delta = g_n.diagonal() - g.diagonal() / norm.pow(2)  # the damping added to each diagonal entry
+    w = _as_f64(weight, weight.device)
+    return (_as_f64(cross, weight.device) / norm.unsqueeze(1)) @ w.T + delta.unsqueeze(1) * v0
 
 
 # ----------------------------------------------------------------------------- direct solves
 
-def least_squares_on_support(weight: Tensor, gram: Tensor, mask: Tensor, damp: float = 0.1) -> Tensor:
+def least_squares_on_support(weight: Tensor, gram: Tensor, mask: Tensor, damp: float = 0.1,
+                             cross: Tensor | None = None) -> Tensor:
     """The exact minimiser of the damped reconstruction error on the mask's support, row by row.
 
     Output row i only depends on row i of W', so each row is its own problem. In the
@@ -249,7 +273,8 @@ def least_squares_on_support(weight: Tensor, gram: Tensor, mask: Tensor, damp: f
 
     With damp = 0 it is the plain least squares min ||X w'_i - X w_i||^2 over the support
     (normalisation does not change the minimiser); damp > 0 is the objective ADMM with that
-    damping minimises, so `admm_fixed_mask` converges to this. Rows that share a support
+    damping minimises, so `admm_fixed_mask` converges to this (also with a `cross` term, which
+    replaces G_n v0 by the right-hand side described there). Rows that share a support
     share one factorisation (a structured mask needs a single solve). A singular undamped
     block falls back to the minimum-norm solution. Returns (d_out, d_in) in the weight's dtype.
     """
@@ -257,7 +282,8 @@ def least_squares_on_support(weight: Tensor, gram: Tensor, mask: Tensor, damp: f
     if damp < 0:
         raise PrunerError(f"damping must be >= 0, got {damp}")
     v0, g_n, norm = _normalised_problem(weight, gram, damp)
-    rhs = g_n @ v0  # (d_in, d_out)
+    rhs = _cross_rhs(weight, gram, cross, v0, g_n, norm)
+    rhs = g_n @ v0 if rhs is None else rhs  # (d_in, d_out)
     keep = mask.to(device=weight.device, dtype=torch.bool)  # (d_out, d_in)
     supports, row_support = torch.unique(keep, dim=0, return_inverse=True)
     v = torch.zeros_like(v0)  # (d_in, d_out)
@@ -272,7 +298,8 @@ def least_squares_on_support(weight: Tensor, gram: Tensor, mask: Tensor, damp: f
 
 
 def refit_kept_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, kept_columns: Tensor,
-                       damp: float = 0.01) -> tuple[Tensor, Tensor]:
+                       damp: float = 0.01, cross: Tensor | None = None,
+                       target_sum: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Refit the kept input columns of W, with an intercept, after whole columns are removed.
 
     Target: the dense outputs. With K the kept columns, find W'_K (d_out, |K|) and b (d_out,):
@@ -295,6 +322,11 @@ def refit_kept_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
     general the error is at most that of FLAP's bias compensation (W_K kept, b = W_R mu_R),
     which is one feasible point of the same problem. The intercept itself is not damped.
 
+    Another target: with `cross` = X^T X_t and `target_sum` = sum x_t (X_t the inputs the original
+    layer saw for the same tokens, e.g. in the dense model while X comes from a pruned one) the
+    target is X_t W^T: the right-hand side becomes C^t_K: W^T + lambda' W_K^T with the cross
+    covariance C^t = X^T X_t / N - mu mu_t^T, and b = W mu_t - W'_K mu_K.
+
     kept_columns: bool (d_in,) or indices. Returns (W'_K (d_out, |K|) in the weight's dtype,
     bias delta b (d_out,) in the weight's dtype, to add to the layer's bias).
     """
@@ -306,15 +338,90 @@ def refit_kept_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
     dev = weight.device
     w = _as_f64(weight, dev)  # (d_out, d_in)
     kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
-    mu = _as_f64(x_sum, dev) / count  # (d_in,)
-    cov = _as_f64(gram, dev) / count - torch.outer(mu, mu)  # (d_in, d_in)
+    mu, cov, mu_t, cov_t = _centred(gram, x_sum, count, cross, target_sum, dev)
     cov_kk = cov[kept][:, kept]  # (k, k)
     lam = damp * cov_kk.diagonal().mean() if kept.numel() else 0.0
     lhs = cov_kk + lam * torch.eye(kept.numel(), dtype=w.dtype, device=dev)
-    rhs = cov[kept] @ w.T + lam * w[:, kept].T  # (k, d_out)
+    rhs = cov_t[kept] @ w.T + lam * w[:, kept].T  # (k, d_out)
     w_kept = _solve_psd(lhs, rhs).T  # (d_out, k)
-    bias = w @ mu - w_kept @ mu[kept]  # (d_out,)
+    bias = w @ mu_t - w_kept @ mu[kept]  # (d_out,)
     return w_kept.to(weight.dtype), bias.to(weight.dtype)
+
+
+def _centred(gram: Tensor, x_sum: Tensor, count: int, cross: Tensor | None, target_sum: Tensor | None,
+             dev: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mu, C = G/N - mu mu^T, and the target's mu_t and cross covariance X^T X_t/N - mu mu_t^T
+    (mu and C themselves without a separate target)."""
+    if (cross is None) != (target_sum is None):
+        raise PrunerError("a cross term needs both `cross` and `target_sum`")
+    mu = _as_f64(x_sum, dev) / count  # (d_in,)
+    cov = _as_f64(gram, dev) / count - torch.outer(mu, mu)  # (d_in, d_in)
+    if cross is None:
+        return mu, cov, mu, cov
+    if tuple(cross.shape) != tuple(gram.shape):
+        raise PrunerError(f"cross must have the gram's shape {tuple(gram.shape)}, got {tuple(cross.shape)}")
+    mu_t = _as_f64(target_sum, dev) / count
+    return mu, cov, mu_t, _as_f64(cross, dev) / count - torch.outer(mu, mu_t)
+
+
+def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, kept_columns: Tensor,
+                       iterations: int = 20, rho: float = 1.0, damp: float = 0.1, cross: Tensor | None = None,
+                       target_sum: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`refit_kept_columns` by the ADMM fixed-mask update instead of a direct solve.
+
+    The intercept is eliminated as there (b = W mu_t - W'_K mu_K, not damped), which leaves the
+    problem on the centred Gram matrix N C = G - s s^T / N (and the centred cross term, with a
+    separate target); on it `admm_fixed_mask` runs with the mask that keeps the columns K in every
+    row (the paper's normalisation, damping `damp` and `iterations` rounds at penalty `rho`). Its
+    damping pulls towards the original W_K, so FLAP's point (W_K kept, b = W_R mu_R) stays
+    feasible and the converged error is at most FLAP's.
+    Returns (W'_K (d_out, |K|), bias delta (d_out,)), both in the weight's dtype.
+    """
+    _check_shapes(weight, gram)
+    if count <= 0:
+        raise PrunerError(f"the token count must be positive, got {count}")
+    dev = weight.device
+    w = _as_f64(weight, dev)  # (d_out, d_in)
+    kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
+    mu, cov, mu_t, cov_t = _centred(gram, x_sum, count, cross, target_sum, dev)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask[:, kept] = True
+    w_new = admm_fixed_mask(w, count * cov, mask, iterations, rho, damp,
+                            cross=None if cross is None else count * cov_t)  # (d_out, d_in), zero outside K
+    bias = w @ mu_t - w_new @ mu  # (d_out,)
+    return w_new[:, kept].to(weight.dtype), bias.to(weight.dtype)
+
+
+def with_intercept(gram: Tensor, x_sum: Tensor, count: int) -> Tensor:
+    """The Gram matrix of the inputs with a constant 1 appended, [[G, s], [s^T, N]] (float64):
+    with it, `relative_output_error` of [W', b] against [W, 0] measures a layer whose bias
+    changed too."""
+    g = _as_f64(gram, gram.device)
+    s = _as_f64(x_sum, gram.device).unsqueeze(1)  # (d_in, 1)
+    corner = torch.tensor([[float(count)]], dtype=torch.float64, device=gram.device)
+    return torch.cat([torch.cat([g, s], 1), torch.cat([s.T, corner], 1)], 0)
+
+
+def relative_error_to_target(weight_new: Tensor, bias: Tensor, weight: Tensor, gram: Tensor, cross: Tensor,
+                             target_gram: Tensor, x_sum: Tensor, target_sum: Tensor, count: int) -> Tensor:
+    """A layer's error against the outputs it should match, from moments alone:
+
+        ||X W'^T + 1 b^T - X_t W^T||^2 / ||X_t W^T||^2
+
+    (X: its inputs, X_t: the inputs the original layer saw for the same tokens, e.g. the dense
+    model's), with G = X^T X, C = X^T X_t, G_t = X_t^T X_t, s = sum x, s_t = sum x_t, N = count:
+        ||Y'||^2 = <W' G, W'> + 2 b.(W' s) + N b.b,   <Y', Y> = <W' C, W> + b.(W s_t),
+        ||Y||^2 = <W G_t, W>;   error = (||Y'||^2 - 2 <Y', Y> + ||Y||^2) / ||Y||^2.
+    A 0-dim float64 tensor (the squared ratio, as `relative_output_error`)."""
+    _check_shapes(weight, gram)
+    dev = weight.device
+    w_new, w, b = (_as_f64(t, dev) for t in (weight_new, weight, bias))
+    g, c, gt = (_as_f64(t, dev) for t in (gram, cross, target_gram))
+    s, st = _as_f64(x_sum, dev), _as_f64(target_sum, dev)
+    own = ((w_new @ g) * w_new).sum() + 2 * b @ (w_new @ s) + count * b @ b
+    inner = ((w_new @ c) * w).sum() + b @ (w @ st)
+    target = ((w @ gt) * w).sum()
+    return (own - 2 * inner + target).clamp(min=0) / target
 
 
 def _column_indices(columns: Tensor, d_in: int, device: torch.device) -> Tensor:

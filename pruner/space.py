@@ -251,6 +251,17 @@ class PruningSpace:
             keep = keep.expand(self.shapes[layer].d_ff) if self.shapes[layer].d_ff else keep
         return keep.nonzero().flatten()
 
+    def kept_inputs(self, layer: int, mask: Mask) -> tuple[Tensor, Tensor]:
+        """Which input channels of o_proj (n_q * head_dim) and of down_proj (d_ff) `mask` keeps in
+        `layer`, as bool vectors: the columns that stay when the layer is sliced."""
+        s = self.shapes[layer]
+        attn = torch.zeros(s.n_q * s.head_dim, dtype=torch.bool)
+        for h in self.kept_query_heads(layer, mask.heads[layer]).tolist():
+            attn[h * s.head_dim:(h + 1) * s.head_dim] = True
+        mlp = torch.zeros(s.d_ff, dtype=torch.bool)
+        mlp[self.kept_channels(layer, mask.channels[layer])] = True
+        return attn, mlp
+
     def kept_shapes(self, mask: Mask) -> list[LayerShape]:
         out = []
         for l, s in enumerate(self.shapes):

@@ -117,15 +117,26 @@ def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = False) ->
     if scores.dim() != 2:
         raise PrunerError(f"scores must be a (d_out, d_in) matrix, got shape {tuple(scores.shape)}")
     if per_row:
-        k = prune_count(sparsity, scores.shape[1])
-        order = torch.argsort(scores, dim=1, stable=True)  # (d_out, d_in), ascending
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        return mask.scatter_(1, order[:, :k], False)
-    k = prune_count(sparsity, scores.numel())
-    order = torch.argsort(scores.flatten(), stable=True)  # (d_out * d_in,)
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[order[:k]] = False
-    return mask.view_as(scores)
+        return _without_smallest(scores, prune_count(sparsity, scores.shape[1]))
+    return _without_smallest(scores.flatten(), prune_count(sparsity, scores.numel())).view_as(scores)
+
+
+def _without_smallest(scores: Tensor, k: int) -> Tensor:
+    """Keep-mask over the last dimension removing the k smallest entries of each row, exactly what
+    a stable ascending sort would remove first: everything below the k-th smallest value t, then
+    the earliest entries equal to t. A selection (kthvalue) instead of a sort: several times faster
+    on large matrices, which matters when ADMM re-selects its mask every iteration."""
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values  # (..., 1)
+    below = scores < threshold
+    ties = scores == threshold
+    need = k - below.sum(-1, keepdim=True)  # ties to remove, >= 1
+    removed = below | (ties & (torch.cumsum(ties, dim=-1) <= need))
+    return ~removed
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:

@@ -36,6 +36,7 @@ from . import disk_cache
 from .config import PruneConfig
 from .errors import PrunerError
 from .fileio import inside
+from .methods import check_config, get_method
 from .methods.pg import build_run, selection_of, settings_of
 from .models import REPORT_FILE, LoadedModel, save_pruned
 from .paths import runs_dir
@@ -69,11 +70,17 @@ def private_copy(loaded: LoadedModel) -> LoadedModel:
     return dataclasses.replace(loaded, model=clone)
 
 
+class _Stopped(Exception):
+    """Raised between two layers of a layer-by-layer run when Stop was pressed."""
+
+
 class Job:
     """One run of any method in a background thread, with a status the pages can poll.
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
     ends (finished or stopped) the current hard mask is sliced and saved to `<dir>/model`.
+    A layer-by-layer run (an unstructured / N:M method, or any structured one with a
+    reconstruction) appends each finished layer's record to `layers`; its progress counts layers.
     The job's `RunRecord` is the one writer of `<dir>/status.json`. `loaded` is the shared model
     until the job's turn comes (`wait_turn`), then the job's private copy of it. Once ended, the job
     drops its copy and its search (`loaded` and `pg` become None); its history is then read from disk.
@@ -89,6 +96,9 @@ class Job:
         self.started = time.time()
         self._thread: threading.Thread | None = None
         self._stop_asked = False
+        self.layers: list[dict] = []
+        self.layerwise = get_method(config.method).sparse or config.reconstruct != "none"
+        self.n_layers = len(loaded.adapter.layers(loaded.model))  # counted now: an ended job drops its model
         self._ended_at: tuple[int, int] | None = None  # (step, steps) when the job let go of its search
         self.record = RunRecord(self.dir, settings_of(loaded, config))
 
@@ -116,12 +126,21 @@ class Job:
         return saved_history(self.dir) if self._ended_at else RunHistory().read()
 
     def progress(self) -> tuple[int, int]:
+        """(done, total): search steps for policy gradient, else layers of a layer-by-layer run."""
         pg = self.pg
         if pg is not None:
             return pg.step, pg.config.steps
         if self._ended_at:
             return self._ended_at
+        if self.layerwise:
+            return (self.n_layers if self._status == "finished" else len(self.layers)), self.n_layers
         return (1, 1) if self._status == "finished" else (0, 1)
+
+    def _layer_done(self, record: dict) -> None:
+        self.layers.append(record)
+        self._write()
+        if self._stop_asked and self.pg is None:  # a search's Stop ends the search, then its result is refitted
+            raise _Stopped  # a layer-by-layer run stops between layers, without a model
 
     def info(self) -> dict:
         status = self.status  # before the step: a run seen "paused" has no step in flight, its step is final
@@ -136,6 +155,7 @@ class Job:
         if self.is_alive:
             raise PrunerError(f"run {self.id} is already going")
         self._status, self.error, self._stop_asked = "loading", None, False
+        self.layers = []
         self._write()
         self._thread = threading.Thread(target=self._work, name=f"job-{self.id}", daemon=True)
         self._thread.start()
@@ -168,10 +188,12 @@ class Job:
             else:
                 self._status = "running"
                 self._write()
-                pruned, _, result = prune(self.loaded, self.config)
+                pruned, _, result = prune(self.loaded, self.config, on_layer=self._layer_done)
                 self._status = "saving"
                 self._save(pruned, result)
                 ended = "finished"
+        except _Stopped:
+            ended = "stopped"
         except Exception as exc:  # noqa: BLE001 - a failed run keeps its reason for the Runs page
             ended = "failed"
             self.error = str(exc) if isinstance(exc, PrunerError) else traceback.format_exc()
@@ -198,7 +220,7 @@ class Job:
         ended = self.pg.status  # finished or stopped
         self._write()
         selection = selection_of(self.pg)
-        pruned = apply(self.loaded, self.config, self.pg.space, selection)
+        pruned, selection = apply(self.loaded, self.config, self.pg.space, selection, on_layer=self._layer_done)
         self._save(pruned, report(self.loaded, self.config, self.pg.space, selection, pruned,
                                   time.perf_counter() - start))
         return ended
@@ -358,7 +380,7 @@ class Studio:
 
     def start(self, loaded: LoadedModel, config: PruneConfig) -> Job:
         """Start a new run of `config` on a private copy of `loaded`."""
-        config = dataclasses.replace(config, run_dir=None).validate()
+        config = check_config(dataclasses.replace(config, run_dir=None))
         self._refuse_if_busy()
         run_id = new_run_id(config)
         return self._launch(run_id, self.folder(run_id), loaded, config)

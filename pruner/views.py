@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from .methods import METHODS
+
 
 def padded_rows(rows: list[Tensor]) -> Tensor:
     """(layers, max units) with NaN where a layer has fewer units (e.g. sliced or GQA-mixed)."""
@@ -128,3 +130,39 @@ def heatmap_png(matrix: Tensor, title: str, xlabel: str) -> bytes:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def layer_errors(records: list[dict]) -> dict[str, list]:
+    """Per-layer weight-update records -> columns for a chart: the layer, the mean over its updated
+    linears of the relative output error before and after the update, and its wall time. Layers
+    with nothing updated (a reconstruction that removed nothing there) are left out."""
+    out = {"layer": [], "before": [], "after": [], "time_s": []}
+    for r in records:
+        errors = list(r["errors"].values())
+        if not errors:
+            continue
+        out["layer"].append(r["layer"])
+        out["before"].append(sum(e["before"] for e in errors) / len(errors))
+        out["after"].append(sum(e["after"] for e in errors) / len(errors))
+        out["time_s"].append(r["time_s"])
+    return out
+
+
+def run_label(settings: dict) -> str:
+    """A short name of a run's method and settings: "flap 0.3 + ls", "admm 2:4", "wanda 0.5"."""
+    method = settings.get("method", "?")
+    sparsity = settings.get("sparsity_type", "unstructured")
+    if sparsity != "unstructured":
+        return f"{method} {sparsity}"
+    reconstruct = settings.get("reconstruct", "none")
+    return f"{method} {settings.get('ratio', '?')}" + (f" + {reconstruct}" if reconstruct != "none" else "")
+
+
+def run_kind(settings: dict) -> str:
+    """"pg", "unstructured / N:M", "reconstructed" or "metric", from a run's settings."""
+    if settings.get("method") == "pg":
+        return "pg"
+    method = METHODS.get(settings.get("method"))
+    if method is not None and method.sparse:
+        return "unstructured / N:M"
+    return "reconstructed" if settings.get("reconstruct", "none") != "none" else "metric"

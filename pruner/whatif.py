@@ -64,11 +64,13 @@ class WhatIf:
     ratio: float = 0.0
     granularity: str = ""
     stamp: float = 0.0
+    reconstruct: str = "none"  # a pruning's `PruneConfig.reconstruct`
 
     @classmethod
     def pruning(cls, model: str, device: str, dtype: str, data: str, method: str, ratio: float,
-                granularity: str) -> "WhatIf":
-        return cls("prune", model, device, dtype, data, method, round(float(ratio), 6), granularity)
+                granularity: str, reconstruct: str = "none") -> "WhatIf":
+        return cls("prune", model, device, dtype, data, method, round(float(ratio), 6), granularity,
+                   reconstruct=reconstruct)
 
     @classmethod
     def dense(cls, model: str, device: str, dtype: str, data: str) -> "WhatIf":
@@ -81,19 +83,20 @@ class WhatIf:
 
     def describe(self) -> str:
         if self.kind == "prune":
-            return f"{self.method} at ratio {self.ratio:.2f} ({self.granularity})"
+            return (f"{self.method} at ratio {self.ratio:.2f} ({self.granularity})"
+                    + (f" + {self.reconstruct} reconstruction" if self.reconstruct != "none" else ""))
         if self.kind == "dense":
             return "the dense model's perplexity"
         return f"the saved model {Path(self.model).parent.name or self.model}"
 
     def config(self) -> PruneConfig:
         return PruneConfig(method=self.method, ratio=self.ratio, granularity=self.granularity, data=self.data,
-                           calib_windows=CALIB_WINDOWS)
+                           calib_windows=CALIB_WINDOWS, reconstruct=self.reconstruct)
 
 
 def measure(request: WhatIf, loaded: LoadedModel | None, windows: Callable[[LoadedModel], object]) -> dict:
     """The result of one request, a small dict: {"ppl"} and for a pruning also "achieved_ratio",
-    "per_layer" and "wall_time_s". The pruned (or loaded saved) model is dropped on return."""
+    "per_layer", "wall_time_s" and "layer_errors" (a reconstruction's per-layer records, else []). The pruned (or loaded saved) model is dropped on return."""
     if request.kind == "dense":
         return {"ppl": perplexity(loaded.model, windows(loaded))["ppl"]}
     if request.kind == "saved":
@@ -103,7 +106,8 @@ def measure(request: WhatIf, loaded: LoadedModel | None, windows: Callable[[Load
         raise PrunerError(f"unknown What-if request kind {request.kind!r}")
     pruned, _, report = prune(loaded, request.config())
     return {"ppl": perplexity(pruned, windows(loaded))["ppl"], "achieved_ratio": report["achieved_ratio"],
-            "per_layer": report["per_layer"], "wall_time_s": report["wall_time_s"]}
+            "per_layer": report["per_layer"], "wall_time_s": report["wall_time_s"],
+            "layer_errors": report.get("weight_update", {}).get("per_layer", [])}
 
 
 def _malloc_trim() -> Callable[[], object] | None:

@@ -19,6 +19,7 @@ embedded SmolLM2) get plain windows of seqlen text tokens.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -181,17 +182,30 @@ class LazyTokenized(Sequence):
         return self.cache[index]
 
 
+_WINDOWS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def calibration_windows(tokenizer, corpus: str, split: str, n: int, seqlen: int, seed: int) -> Tensor:
     """n calibration windows of seqlen tokens from a corpus split: LongTensor[n, seqlen].
 
     c4 uses the document protocol over its documents; every other corpus draws random windows
-    from its tokenised text.
+    from its tokenised text. Remembered per tokenizer object and arguments (the same seed gives
+    the same windows, and tokenising a corpus takes seconds): treat the result as read-only.
     """
     check_window_args(seqlen, n)
-    bos = bos_id(tokenizer)
-    if corpus == "c4":
-        return document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed, bos)
-    return random_windows(corpus_ids(tokenizer, corpus, split), n, seqlen, seed, bos)
+    try:
+        per_tokenizer = _WINDOWS_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced is not remembered
+        per_tokenizer = {}
+    key = (corpus, split, n, seqlen, seed)
+    if key not in per_tokenizer:
+        bos = bos_id(tokenizer)
+        if corpus == "c4":
+            windows = document_windows(LazyTokenized(tokenizer, load_documents(corpus, split)), n, seqlen, seed, bos)
+        else:
+            windows = random_windows(corpus_ids(tokenizer, corpus, split), n, seqlen, seed, bos)
+        per_tokenizer[key] = windows
+    return per_tokenizer[key]
 
 
 def corpus_windows(tokenizer, corpus: str, split: str, seqlen: int, max_windows: int | None = None) -> Tensor:

@@ -202,3 +202,51 @@ def test_runs_page_empty_then_delete():
     assert len(at.dataframe[0].value) == 1
     by_label(at.button, "Delete").click().run()
     assert any("No runs yet" in i.value for i in at.info)
+
+
+def test_prune_page_sparse_run_shows_layers_errors_and_perplexity():
+    """An N:M run from the Prune page: the ratio follows the pattern, the run counts layers, and the
+    finished run shows its per-layer errors, its perplexity and that it is stored dense."""
+    at = page("app_pages/prune.py")
+    by_label(at.selectbox, "Method").set_value("wanda").run()
+    assert "Granularity" not in [s.label for s in at.selectbox]
+    by_label(at.selectbox, "Sparsity type").set_value("2:4").run()
+    assert "Pruning ratio" not in [s.label for s in at.slider]
+    assert {m.label: m.value for m in at.metric}["Sparsity"] == "0.5"
+    start_run(at, "wanda", **{"Calibration windows": 2})
+    assert wait_for_status(at, ("finished", "failed")) == "finished"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Layers done"] == "30" and float(metrics["Achieved ratio"]) == pytest.approx(0.5, abs=1e-3)
+    assert float(metrics["Validation perplexity"]) > float(metrics["Dense perplexity"])
+    assert float(metrics["Mean error after"]) == pytest.approx(float(metrics["Mean error before"]))  # no update
+    assert any("dense safetensors with zeros" in i.value for i in at.info)
+    assert at.get("plotly_chart")
+
+
+def test_prune_page_reconstruction_lowers_the_layer_errors():
+    at = page("app_pages/prune.py")
+    by_label(at.selectbox, "Method").set_value("magnitude").run()
+    by_label(at.selectbox, "Reconstruct").set_value("ls").run()
+    start_run(at, "magnitude", **{"Calibration windows": 2})
+    assert wait_for_status(at, ("finished", "failed")) == "finished"
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["Mean error after"]) < float(metrics["Mean error before"])
+    assert metrics["Layers done"] == "30"
+
+
+def test_whatif_page_reconstructs():
+    """The Reconstruct switch: the queue computes the refitted pruning, whose validation perplexity is
+    below the plain one, and the page adds the per-layer reconstruction errors."""
+    import app_pages.common as common
+    from pruner.whatif import WhatIfQueue
+
+    manager = common.studio()
+    manager.whatif = WhatIfQueue(manager.whatif_slot, eval_count=2)
+    at = page("app_pages/whatif.py")
+    by_label(at.selectbox, "Metric").set_value("magnitude").run()
+    run_until(at, lambda at: len(at.metric) == 4 and "..." not in at.metric[1].value)
+    plain = float({m.label: m.value for m in at.metric}["Perplexity"])
+    by_label(at.selectbox, "Reconstruct").set_value("ls").run()
+    run_until(at, lambda at: len(at.get("plotly_chart")) == 2)  # kept fractions and the reconstruction errors
+    refitted = float({m.label: m.value for m in at.metric}["Perplexity"])
+    assert refitted < plain

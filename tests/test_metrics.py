@@ -109,6 +109,7 @@ def test_mean_filled_masked_logits_equal_sliced_logits_with_compensation(arch, g
     channels set to their calibration means == sliced, plus FLAP's bias."""
     from test_space_masking_slicing import random_mask
 
+    from pruner.config import PruneConfig
     from pruner.methods import Selection
     from pruner.prune import apply
 
@@ -122,7 +123,8 @@ def test_mean_filled_masked_logits_equal_sliced_logits_with_compensation(arch, g
     ids = torch.randint(0, 97, (2, 10), generator=g)
     with torch.no_grad(), masked(model, adapter, space, mask, fill):
         want = model(ids).logits
-    sliced = apply(SimpleNamespace(model=model, adapter=adapter), None, space, Selection(mask, compensate=True), stats)
+    sliced, _ = apply(SimpleNamespace(model=model, adapter=adapter), PruneConfig(), space, Selection(mask, compensate=True),
+                      stats)
     with torch.no_grad():
         got = sliced(ids).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()

@@ -9,12 +9,15 @@ import torch
 from pruner.errors import PrunerError
 from pruner.reconstruction import (
     admm_fixed_mask,
+    admm_refit_columns,
     admm_update,
     least_squares_on_support,
     ramp_sparsity,
     refit_kept_columns,
+    relative_error_to_target,
     relative_output_error,
     sparsegpt_prune,
+    with_intercept,
 )
 from pruner.sparsity_masks import (
     SparsityType,
@@ -94,6 +97,26 @@ def test_unstructured_mask_exact_count(sparsity, per_row):
         assert int(mask.sum()) == 1000 - math.floor(sparsity * 1000 + 1e-6)
         if 0 < sparsity < 1:
             assert scores[mask].min() >= scores[~mask].max()
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.73])
+def test_unstructured_mask_is_what_a_stable_sort_removes(per_row, sparsity):
+    """The selection-based mask equals removing the first k entries of a stable ascending sort,
+    also with many ties and infinite scores (as the N:M ramp uses them)."""
+    scores = torch.randint(0, 5, (12, 40), generator=generator(3)).double()
+    scores[2, :7] = math.inf
+    mask = unstructured_mask(scores, sparsity, per_row=per_row)
+    if per_row:
+        k = prune_count(sparsity, 40)
+        order = torch.argsort(scores, dim=1, stable=True)
+        expected = torch.ones_like(mask).scatter_(1, order[:, :k], False)
+    else:
+        k = prune_count(sparsity, scores.numel())
+        expected = torch.ones(scores.numel(), dtype=torch.bool)
+        expected[torch.argsort(scores.flatten(), stable=True)[:k]] = False
+        expected = expected.view_as(mask)
+    assert torch.equal(mask, expected)
 
 
 def test_counts_survive_float_products_and_ties():
@@ -411,3 +434,111 @@ def test_refit_beats_flap_bias_compensation(seed, damp):
             perturbed = ours.clone()
             perturbed[:, kept] += noise
             assert error_from_x(perturbed, w, x, bias) > err_ours
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admm_refit_converges_to_the_centred_least_squares_and_beats_flap(seed):
+    """With enough iterations the ADMM refit is the damped least squares on the centred Gram
+    matrix (the intercept eliminated), and its error with the intercept is below FLAP's."""
+    w, x = correlated_layer(seed)
+    x = x + torch.linspace(-1, 2, x.shape[1], dtype=F64)
+    kept = torch.rand(w.shape[1], generator=generator(seed + 30)) > 0.4
+    n = x.shape[0]
+    w_kept, bias = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept, iterations=400, damp=0.1)
+    centred = x.T @ x - torch.outer(x.sum(0), x.sum(0)) / n
+    mask = kept.unsqueeze(0).expand_as(w)
+    expected = least_squares_on_support(w, centred, mask, damp=0.1)
+    torch.testing.assert_close(w_kept, expected[:, kept], rtol=1e-7, atol=1e-9)
+    mu = x.mean(0)
+    torch.testing.assert_close(bias, w @ mu - expected @ mu, rtol=1e-7, atol=1e-9)
+    ours = torch.zeros_like(w)
+    ours[:, kept] = w_kept
+    flap_bias = w[:, ~kept] @ mu[~kept]
+    assert error_from_x(ours, w, x, bias) < error_from_x(w * kept, w, x, flap_bias)
+    # 20 iterations (the default) already beat FLAP's compensation
+    w20, b20 = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept)
+    short = torch.zeros_like(w)
+    short[:, kept] = w20
+    assert error_from_x(short, w, x, b20) < error_from_x(w * kept, w, x, flap_bias)
+
+
+@pytest.mark.parametrize("refit", [refit_kept_columns, admm_refit_columns])
+def test_refit_of_a_removed_sublayer_keeps_its_mean_output(refit):
+    """No column kept: no weights, and the bias is the layer's mean output W mu."""
+    w, x = correlated_layer(4)
+    x = x + 0.7
+    w_kept, bias = refit(w, x.T @ x, x.sum(0), x.shape[0], torch.zeros(w.shape[1], dtype=torch.bool))
+    assert w_kept.shape == (w.shape[0], 0)
+    torch.testing.assert_close(bias, w @ x.mean(0))
+
+
+def test_relative_error_with_an_intercept_from_the_augmented_gram():
+    w, x = correlated_layer(6)
+    x = x + 0.3
+    w_new = w * (torch.rand(w.shape, generator=generator(1), dtype=F64) > 0.5)
+    bias = torch.randn(w.shape[0], generator=generator(2), dtype=F64)
+    g = with_intercept(x.T @ x, x.sum(0), x.shape[0])
+    zero = torch.zeros(w.shape[0], 1, dtype=F64)
+    got = relative_output_error(torch.cat([w_new, bias.unsqueeze(1)], 1), torch.cat([w, zero], 1), g)
+    assert float(got) == pytest.approx(error_from_x(w_new, w, x, bias), rel=1e-10)
+
+
+def test_refit_towards_other_inputs_is_the_least_squares_fit_of_their_outputs():
+    """With a cross term the refit fits X_K W'_K^T + b to X_t W^T (X_t: the inputs the original layer
+    saw, e.g. the dense model's): against an explicit least squares with an intercept (no ridge)."""
+    w, x_t = correlated_layer(8)
+    g = generator(9)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=g, dtype=F64) + 0.2  # drifted inputs of the same tokens
+    kept = torch.rand(w.shape[1], generator=g) > 0.4
+    w_kept, bias = refit_kept_columns(w, x.T @ x, x.sum(0), x.shape[0], kept, damp=0.0, cross=x.T @ x_t,
+                                      target_sum=x_t.sum(0))
+    design = torch.cat([x[:, kept], torch.ones(x.shape[0], 1, dtype=F64)], 1)
+    solution = torch.linalg.lstsq(design, x_t @ w.T).solution  # (k + 1, d_out)
+    torch.testing.assert_close(w_kept, solution[:-1].T, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(bias, solution[-1], rtol=1e-7, atol=1e-8)
+    # the input's own outputs as the target: the plain refit
+    plain = refit_kept_columns(w, x.T @ x, x.sum(0), x.shape[0], kept)
+    same = refit_kept_columns(w, x.T @ x, x.sum(0), x.shape[0], kept, cross=x.T @ x, target_sum=x.sum(0))
+    for a, b in zip(plain, same):
+        torch.testing.assert_close(a, b)
+
+
+def test_admm_with_a_cross_term_converges_to_its_least_squares_optimum():
+    w, x_t = correlated_layer(10)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=generator(11), dtype=F64)
+    mask = torch.rand(w.shape, generator=generator(12)) > 0.5
+    got = admm_fixed_mask(w, x.T @ x, mask, iterations=600, damp=0.1, cross=x.T @ x_t)
+    expected = least_squares_on_support(w, x.T @ x, mask, damp=0.1, cross=x.T @ x_t)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    # and the cross term matters: the fit to the other inputs' outputs beats the plain update there
+    plain = least_squares_on_support(w, x.T @ x, mask, damp=0.1)
+    assert error_from_x(expected, w, x) > error_from_x(plain, w, x)  # on its own target the plain one wins
+    target = x_t @ w.T
+    assert (x @ expected.T - target).pow(2).sum() < (x @ plain.T - target).pow(2).sum()
+    # admm_refit_columns with a cross term: the same problem, centred, with its intercept
+    kept = mask[0]
+    n = x.shape[0]
+    w_kept, bias = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept, iterations=600, cross=x.T @ x_t,
+                                      target_sum=x_t.sum(0))
+    mu, mu_t = x.mean(0), x_t.mean(0)
+    centred = x.T @ x - n * torch.outer(mu, mu)
+    direct = least_squares_on_support(w, centred, kept.expand_as(w), damp=0.1, cross=x.T @ x_t - n * torch.outer(mu, mu_t))
+    torch.testing.assert_close(w_kept, direct[:, kept], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(bias, w @ mu_t - direct @ mu, rtol=1e-7, atol=1e-9)
+
+
+def test_error_to_another_target_from_moments_equals_the_explicit_one():
+    """relative_error_to_target: ||X W'^T + b - X_t W^T||^2 / ||X_t W^T||^2 from G, X^T X_t, G_t and
+    the sums, against the explicit inputs; with X_t = X and b = 0 it is relative_output_error."""
+    w, x_t = correlated_layer(13)
+    g = generator(14)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=g, dtype=F64) + 0.1
+    w_new = w * (torch.rand(w.shape, generator=g) > 0.5)
+    bias = torch.randn(w.shape[0], generator=g, dtype=F64)
+    got = relative_error_to_target(w_new, bias, w, x.T @ x, x.T @ x_t, x_t.T @ x_t, x.sum(0), x_t.sum(0), x.shape[0])
+    target = x_t @ w.T
+    want = ((x @ w_new.T + bias - target).pow(2).sum() / target.pow(2).sum()).item()
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    zero = torch.zeros(w.shape[0], dtype=F64)
+    same = relative_error_to_target(w_new, zero, w, x.T @ x, x.T @ x, x.T @ x, x.sum(0), x.sum(0), x.shape[0])
+    assert float(same) == pytest.approx(float(relative_output_error(w_new, w, x.T @ x)), rel=1e-10)

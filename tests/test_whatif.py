@@ -165,7 +165,8 @@ def test_the_queue_measures_what_prune_and_perplexity_give(embedded):
     assert got["ppl"] == perplexity(pruned, windows)["ppl"]
     assert base["ppl"] == perplexity(embedded.model, windows)["ppl"] < got["ppl"]
     assert got["achieved_ratio"] == report["achieved_ratio"] == pytest.approx(0.4, abs=0.02)
-    assert got["per_layer"] == report["per_layer"] and set(got) == {"ppl", "achieved_ratio", "per_layer", "wall_time_s"}
+    assert got["per_layer"] == report["per_layer"] and set(got) == {"ppl", "achieved_ratio", "per_layer", "wall_time_s", "layer_errors"}
+    assert got["layer_errors"] == []  # no reconstruction asked
     bad = dataclasses.replace(pruning, granularity="row")
     assert "unknown granularity 'row'" in wait_for(queue, [bad], embedded)[0]["error"]
 

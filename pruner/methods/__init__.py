@@ -6,11 +6,13 @@ A new method is one new file here that defines `METHOD = Method(...)`, plus its 
 from __future__ import annotations
 
 from ..errors import PrunerError
-from . import flap, magnitude, pg, taylor, wanda_sp
+from . import admm, flap, magnitude, magnitude_unstructured, pg, sparsegpt, taylor, wanda, wanda_sp
 from .base import Method, Selection, UnitScores
 
-METHODS: dict[str, Method] = {m.name: m for m in (magnitude.METHOD, wanda_sp.METHOD, flap.METHOD, taylor.METHOD,
-                                                   pg.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    magnitude.METHOD, wanda_sp.METHOD, flap.METHOD, taylor.METHOD, pg.METHOD,  # structured: remove heads and channels
+    magnitude_unstructured.METHOD, wanda.METHOD, sparsegpt.METHOD, admm.METHOD,  # unstructured / N:M
+)}
 
 
 def get_method(name: str) -> Method:
@@ -20,4 +22,23 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "Selection", "UnitScores", "get_method"]
+def sparse_methods() -> list[str]:
+    return [name for name, m in METHODS.items() if m.sparse]
+
+
+def check_config(config):
+    """The config validated, and its method-specific settings checked against the method's kind:
+    a sparsity type belongs to the unstructured / N:M methods, a reconstruction to the structured
+    ones (the others update weights themselves). Returns the config."""
+    method = get_method(config.method)
+    config.validate()
+    if method.sparse and config.reconstruct != "none":
+        raise PrunerError(f"reconstruction refits the columns a structured method removed; {config.method} "
+                          "updates (or keeps) single weights itself: drop the reconstruction")
+    if not method.sparse and config.sparsity_type != "unstructured":
+        raise PrunerError(f"sparsity type {config.sparsity_type} is for the methods that zero single weights "
+                          f"({', '.join(sparse_methods())}); {config.method} removes whole heads and channels")
+    return config
+
+
+__all__ = ["METHODS", "Method", "Selection", "UnitScores", "check_config", "get_method", "sparse_methods"]
