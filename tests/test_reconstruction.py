@@ -34,13 +34,7 @@ from pruner.sparsity_masks import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The problems are tiny: threads only add contention on a shared machine (5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generator(seed: int) -> torch.Generator:

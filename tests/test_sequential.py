@@ -14,12 +14,7 @@ from pruner.sequential import SequentialInputs
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_gemma3():
@@ -35,22 +30,9 @@ def windows_for(model, n=5, seqlen=20, seed=0):
     return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
 def direct_grams(model, adapter, windows, layer):
     """X^T X, sum x and count of every linear's input in `layer`, from one full forward in fp64."""
-    out, handles = {}, []
-    for name, lin in adapter.decoder_linears(model, layer).items():
-        def hook(module, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            g, s, n = out.get(name, (0, 0, 0))
-            out[name] = (g + x.T @ x, s + x.sum(0), n + x.shape[0])
-        handles.append(lin.register_forward_pre_hook(hook))
-    try:
-        model(windows, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    return {name: (x.T @ x, x.sum(0), x.shape[0]) for name, x in direct_inputs(model, adapter, windows, layer).items()}
 
 
 def assert_stats_equal(got, expected):

@@ -20,18 +20,11 @@ from pruner.reconstruction import admm_refit_columns, refit_kept_columns, relati
 from pruner.space import PruningSpace
 from pruner.sparsity_masks import prune_count
 
-pytestmark = pytest.mark.skipif(not (embedded_model_dir() / "config.json").is_file(),
-                                reason="embedded tokenizer and corpus not prepared (make test prepares them)")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not (embedded_model_dir() / "config.json").is_file(),
+                                 reason="embedded tokenizer and corpus not prepared (make test prepares them)")]
 SPARSE = ("magnitude-unstructured", "wanda", "sparsegpt", "admm")
 CALIB = dict(calib_windows=4, calib_seqlen=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
