@@ -4,6 +4,7 @@ errors shown in the page, and the chart builders (plotly figures from pruner.vie
 from __future__ import annotations
 
 import json
+import math
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -18,7 +19,15 @@ from pruner.windows import corpus_windows
 
 DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
+# (waited up to s, poll every s): a long What-if wait polls less, so the polls do not slow the computation
+POLL_BACKOFF = ((10.0, 1.0), (60.0, 2.0), (math.inf, 5.0))
 CHART_HEIGHT = 300
+
+
+def poll_seconds(waited_s: float) -> float:
+    """How often a page polls for a result it has waited `waited_s` seconds for (POLL_BACKOFF):
+    every second at first, every 2 s after 10 s, every 5 s after a minute."""
+    return next(every for up_to, every in POLL_BACKOFF if waited_s < up_to)
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...", max_entries=6)

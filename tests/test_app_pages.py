@@ -251,3 +251,10 @@ def test_whatif_page_reconstructs():
     run_until(at, lambda at: len(at.get("plotly_chart")) == 2)  # kept fractions and the reconstruction errors
     refitted = float({m.label: m.value for m in at.metric}["Perplexity"])
     assert refitted < plain
+
+
+@pytest.mark.parametrize("waited, every", [(0.0, 1.0), (9.9, 1.0), (10.0, 2.0), (59.0, 2.0), (60.0, 5.0), (3e4, 5.0)])
+def test_a_long_wait_polls_less(waited, every):
+    from app_pages.common import poll_seconds
+
+    assert poll_seconds(waited) == every
