@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import PrunerError
-from .pg.config import PGConfig
+from .pg.config import PGConfig, with_added_knobs
 from .space import check_granularity, check_ratio
 from .sparsity_masks import parse_sparsity_type, resolve_sparsity
 
@@ -82,6 +82,6 @@ class PruneConfig:
             unknown = (set(d) - outer) | (set(pg) - inner if isinstance(pg, dict) else {"pg"})
             if unknown:
                 raise PrunerError(f"unknown settings {sorted(unknown)}")
-            return cls(**{k: v for k, v in d.items() if k != "pg"}, pg=PGConfig(**pg)).validate()
+            return cls(**{k: v for k, v in d.items() if k != "pg"}, pg=PGConfig(**with_added_knobs(pg))).validate()
         except (TypeError, AttributeError) as exc:
             raise PrunerError(f"settings are not a pruning configuration ({exc})") from None

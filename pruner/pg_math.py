@@ -7,6 +7,9 @@ masked model L(m) is scored with forward passes only, and
 
 where the baseline delta does not change the expectation. The reference implementation
 divides by sqrt(s (1 - s)) instead (a rescaled, still low-variance direction); both are here.
+
+Antithetic sampling draws the K masks in pairs from one uniform u: m = 1[u < s], m~ = 1[1 - u < s],
+and scores each pair with DisARM (Dong, Mnih & Tucker, NeurIPS 2020), which needs no baseline.
 """
 
 from __future__ import annotations
@@ -19,12 +22,27 @@ from torch import Tensor
 ESTIMATORS = ("reference", "exact")
 BASELINES = ("moving", "loo", "none")
 INITS = ("sigmap", "const", "norm", "random")
+SAMPLINGS = ("independent", "antithetic")
 
 
-def sample_masks(s: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """K independent Bernoulli(s) masks, (K, N) float 0/1, drawn from `generator`."""
-    u = torch.rand((k, s.numel()), generator=generator, dtype=torch.float64)
-    return (u < s.double().unsqueeze(0)).to(s.dtype)
+def sample_masks(s: Tensor, k: int, generator: torch.Generator, sampling: str = "independent") -> Tensor:
+    """K Bernoulli(s) masks, (K, N) float 0/1, drawn from `generator`.
+
+    independent: K draws u_j ~ U(0, 1)^N, m_j = 1[u_j < s].
+    antithetic:  K/2 draws u_j; rows 2j and 2j+1 are the pair 1[u_j < s], 1[1 - u_j < s]
+                 (each row still Bernoulli(s); a pair disagrees on a unit with probability
+                 2 min(s, 1 - s), the most two Bernoulli(s) draws can).
+    """
+    if sampling == "independent":
+        u = torch.rand((k, s.numel()), generator=generator, dtype=torch.float64)
+        return (u < s.double().unsqueeze(0)).to(s.dtype)
+    if sampling == "antithetic":
+        if k % 2:
+            raise ValueError(f"antithetic sampling draws masks in pairs: K must be even, not {k}")
+        u = torch.rand((k // 2, s.numel()), generator=generator, dtype=torch.float64)
+        p = s.double().unsqueeze(0)
+        return torch.stack([u < p, 1 - u < p], dim=1).reshape(k, s.numel()).to(s.dtype)
+    raise ValueError(f"unknown sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
 
 
 def score_function(m: Tensor, s: Tensor, estimator: str = "reference", eps: float = 1e-8) -> Tensor:
@@ -63,11 +81,32 @@ def policy_gradient(losses: Tensor, masks: Tensor, s: Tensor, baseline: float,
     return per_sample_gradients(losses, masks, s, baseline, estimator).sum(0) / max(k - 1, 1)
 
 
-def gradient_variance(per_sample: Tensor) -> float:
-    """Spread of the estimate: mean over units of the unbiased sample variance across the K
-    per-sample estimates, (1/N) sum_i 1/(K-1) sum_j (g_ji - mean_j g_ji)^2."""
+def disarm_gradients(losses: Tensor, masks: Tensor, s: Tensor, estimator: str = "reference",
+                     eps: float = 1e-8) -> Tensor:
+    """(K/2, N): one DisARM estimate of dE[L]/ds per antithetic pair (rows 2j, 2j+1 of `masks`).
+
+    DisARM (Dong et al. 2020, eq. 6) in the logits a, s = sigmoid(a), for the pair b, b~:
+        g_a = 1/2 (L(b) - L(b~)) (b - b~) sigmoid(|a|),      sigmoid(|a|) = max(s, 1 - s)
+    and ds/da = s (1 - s), so
+        exact:     g_s = 1/2 (L(b) - L(b~)) (b - b~) max(s, 1 - s) / (s (1 - s) + eps)
+        reference: the same times sqrt(s (1 - s)), as the reference score scales each unit.
+    Unbiased for any L; no baseline (the pair's difference cancels any shift of the loss).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+    b, b_anti = masks[0::2], masks[1::2]
+    diff = 0.5 * (losses[0::2] - losses[1::2]).to(s.dtype).unsqueeze(1)
+    var = s * (1 - s) + eps
+    scale = torch.maximum(s, 1 - s) / (var if estimator == "exact" else var.sqrt())
+    return diff * (b - b_anti) * scale
+
+
+def gradient_variance(per_sample: Tensor) -> float | None:
+    """Spread of the estimate: mean over units of the unbiased sample variance across the
+    per-sample (or per-pair) estimates, (1/N) sum_i 1/(K-1) sum_j (g_ji - mean_j g_ji)^2;
+    None from a single estimate (one antithetic pair), where it cannot be measured."""
     if per_sample.shape[0] < 2:
-        return 0.0
+        return None
     return float(per_sample.double().var(0, unbiased=True).mean())
 
 
@@ -145,30 +184,40 @@ def entropy(s: Tensor, eps: float = 1e-12) -> float:
 
 def pg_step(s: Tensor, masks: Tensor, losses: Tensor, baseline: float | None, lr: float, *,
             estimator: str = "reference", window: int = 5, baseline_kind: str = "moving", penalty: float = 0.0,
-            lr0: float | None = None) -> tuple[Tensor, float | None, Tensor]:
+            lr0: float | None = None, sampling: str = "independent") -> tuple[Tensor, float | None, Tensor]:
     """One update of the keep probabilities, before the budget projection, as a run composes it.
 
         delta <- update_baseline(delta, L, T)                (the moving average, always tracked)
-        c      = delta (moving) | mean_j L_j (loo) | 0 (none)
-        g      = 1/(K-1) sum_j (L_j - c) score(m_j, s)        (policy_gradient)
-               + (lr / lr0) * penalty * (log(1-s) - log s)
+        independent masks:
+            c  = delta (moving) | mean_j L_j (loo) | 0 (none)
+            g  = 1/(K-1) sum_j (L_j - c) score(m_j, s)        (policy_gradient)
+        antithetic pairs:
+            g  = 2/K sum_pairs disarm(pair)                   (disarm_gradients; no baseline)
+        g     += (lr / lr0) * penalty * (log(1-s) - log s)
         s     <- s - lr g
 
-    Returns (new s, new delta, the K per-sample terms). Expected step, for the exact score (the
-    reference score scales each unit by sqrt(s(1-s)) as well):
+    Returns (new s, new delta, the per-sample (or per-pair) terms). Expected step, for the exact
+    score (the reference score scales each unit by sqrt(s(1-s)) as well):
     - moving: delta already holds this step's mean loss with weight 1/T, so
       E[g] = (K - 1/T) / (K - 1) * dE[L]/ds (1.8x at K=2, T=5; the reference scripts);
     - loo: c is this step's mean, and 1/(K-1) sum_j (L_j - mean L) = 1/K sum_j (L_j - mean of the
       others): the leave-one-out baseline, E[g] = dE[L]/ds exactly;
-    - none: E[g] = K / (K - 1) * dE[L]/ds.
+    - none: E[g] = K / (K - 1) * dE[L]/ds;
+    - antithetic: E[g] = dE[L]/ds exactly, whatever the baseline knob says.
     The K sampled losses must be finite.
     """
     if baseline_kind not in BASELINES:
         raise ValueError(f"unknown baseline {baseline_kind!r}: choose one of {', '.join(BASELINES)}")
     delta = update_baseline(baseline, losses, window)
-    centre = {"moving": delta, "loo": float(losses.mean()), "none": 0.0}[baseline_kind]
-    per_sample = per_sample_gradients(losses, masks, s, centre, estimator)
-    grad = policy_gradient(losses, masks, s, centre, estimator)
+    if sampling == "antithetic":
+        per_sample = disarm_gradients(losses, masks, s, estimator)
+        grad = per_sample.mean(0)
+    elif sampling == "independent":
+        centre = {"moving": delta, "loo": float(losses.mean()), "none": 0.0}[baseline_kind]
+        per_sample = per_sample_gradients(losses, masks, s, centre, estimator)
+        grad = policy_gradient(losses, masks, s, centre, estimator)
+    else:
+        raise ValueError(f"unknown sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
     if penalty:
         grad = grad + (lr / (lr0 or lr)) * penalty * log_odds_penalty(s)
     return s - lr * grad, delta, per_sample

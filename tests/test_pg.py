@@ -69,14 +69,89 @@ def test_one_whole_step_matches_its_exact_expectation_by_enumeration(estimator, 
     torch.testing.assert_close(expected_s, s - lr * scale * true, rtol=1e-6, atol=1e-9)
 
 
-def test_the_run_composes_its_step_from_pg_step_and_the_projection(monkeypatch):
+def pair_states(s: torch.Tensor):
+    """Every (b, b~) of one antithetic pair over the units of `s`, with its probability:
+    per unit P(1,1) = max(0, 2s-1), P(1,0) = P(0,1) = min(s, 1-s), P(0,0) = max(0, 1-2s)."""
+    import itertools
+
+    per_unit = [[((1.0, 1.0), max(0.0, 2 * p - 1)), ((1.0, 0.0), min(p, 1 - p)), ((0.0, 1.0), min(p, 1 - p)),
+                 ((0.0, 0.0), max(0.0, 1 - 2 * p))] for p in s.tolist()]
+    for combo in itertools.product(*per_unit):
+        prob = math.prod(p for _, p in combo)
+        if prob > 0:
+            yield torch.tensor([[b for (b, _), _ in combo], [a for (_, a), _ in combo]], dtype=s.dtype), prob
+
+
+def test_antithetic_pairs_are_bernoulli_and_disagree_as_much_as_they_can():
+    s = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.97], dtype=torch.float64)
+    n = 200_000
+    m = pg_math.sample_masks(s, 2 * n, torch.Generator().manual_seed(1), "antithetic")
+    stderr = (s * (1 - s) / n).sqrt()
+    for rows in (m[0::2], m[1::2]):  # each member of the pair is Bernoulli(s)
+        assert ((rows.mean(0) - s).abs() < 5 * stderr).all()
+    disagree = (m[0::2] != m[1::2]).double().mean(0)
+    torch.testing.assert_close(disagree, 2 * torch.minimum(s, 1 - s), atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="even"):
+        pg_math.sample_masks(s, 3, torch.Generator(), "antithetic")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "reference"])
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_antithetic_step_matches_its_exact_expectation_by_enumeration(estimator, pairs):
+    """DisARM is unbiased: E[s_new] over every state of the K/2 pairs equals s - lr dE[L]/ds, with no
+    baseline, whatever the baseline knob says; the reference score adds sqrt(s(1-s)) per unit."""
+    import itertools
+
+    s = torch.tensor([0.3, 0.6, 0.8], dtype=torch.float64)
+    a, b, lr = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 1.5, 0.1
+    true = a.clone()
+    true[0] += b * s[1]
+    true[1] += b * s[0]
+    if estimator == "reference":
+        true = true * (s * (1 - s) + 1e-8).sqrt()
+    states = list(pair_states(s))
+    for baseline_kind in ("moving", "none"):
+        expected_s = torch.zeros(3, dtype=torch.float64)
+        for combo in itertools.product(states, repeat=pairs):
+            m = torch.cat([pair for pair, _ in combo])
+            prob = math.prod(p for _, p in combo)
+            s_new, _, _ = pg_math.pg_step(s, m, toy_loss(m, a, b) + 7.0, 0.7, lr, estimator=estimator,
+                                          baseline_kind=baseline_kind, sampling="antithetic")
+            expected_s += prob * s_new
+        torch.testing.assert_close(expected_s, s - lr * true, rtol=1e-6, atol=1e-9)
+
+
+def test_antithetic_pairs_vary_less_than_leave_one_out_on_a_toy_objective():
+    """Exact variance (summed over units) of the K=2 gradient by enumeration: the DisARM pair is
+    below the leave-one-out pair of independent masks on an additive loss with an interaction."""
+    import itertools
+
+    s = torch.tensor([0.3, 0.6, 0.8, 0.5], dtype=torch.float64)
+    a, b = torch.tensor([1.0, -2.0, 0.5, 0.2], dtype=torch.float64), 1.5
+
+    def variance(outcomes):
+        mean = sum(p * g for g, p in outcomes)
+        return float(sum(p * ((g - mean) ** 2).sum() for g, p in outcomes))
+
+    singles = [(torch.tensor(m, dtype=torch.float64), float(torch.prod(torch.where(torch.tensor(m) == 1, s, 1 - s))))
+               for m in itertools.product([0.0, 1.0], repeat=4)]
+    loo = [(pg_math.pg_step(s, torch.stack([m1, m2]), toy_loss(torch.stack([m1, m2]), a, b), None, 1.0,
+                            estimator="exact", baseline_kind="loo")[2].sum(0), p1 * p2)
+           for (m1, p1), (m2, p2) in itertools.product(singles, repeat=2)]
+    disarm = [(pg_math.disarm_gradients(toy_loss(m, a, b), m, s, "exact")[0], p) for m, p in pair_states(s)]
+    assert variance(disarm) < 0.85 * variance(loo), (variance(disarm), variance(loo))
+
+
+@pytest.mark.parametrize("sampling", ["independent", "antithetic"])
+def test_the_run_composes_its_step_from_pg_step_and_the_projection(monkeypatch, sampling):
     """do_step's new probabilities are exactly pg_step's on the masks it sampled, projected."""
-    run = make_run(steps=5, lr=0.2, window=3)
+    run = make_run(steps=5, lr=0.2, window=3, sampling=sampling)
     captured = {}
     real_sample = pg_math.sample_masks
 
-    def sample(s, k, generator):
-        captured["masks"] = real_sample(s, k, generator)
+    def sample(s, k, generator, how):
+        assert how == sampling
+        captured["masks"] = real_sample(s, k, generator, how)
         return captured["masks"]
 
     monkeypatch.setattr(pg_math, "sample_masks", sample)
@@ -87,7 +162,7 @@ def test_the_run_composes_its_step_from_pg_step_and_the_projection(monkeypatch):
     run.do_step()
     lr = pg_math.cosine_lr(1, 5, 0.2)
     s_new, baseline, _ = pg_math.pg_step(s_before, captured["masks"], captured["losses"], baseline_before, lr,
-                                         estimator="reference", window=3)
+                                         estimator="reference", window=3, sampling=sampling)
     n_h = len(run.s_h)
     p_h, p_c = run.project(s_new[:n_h], s_new[n_h:])
     assert run.baseline == baseline
@@ -256,6 +331,36 @@ def test_bad_config_is_a_clear_error(bad):
         PGConfig(**bad).validate()
 
 
+def test_antithetic_sampling_needs_an_even_k():
+    with pytest.raises(PrunerError, match="pairs"):
+        PGConfig(samples=3, sampling="antithetic").validate()
+    PGConfig(samples=4, sampling="antithetic").validate()
+
+
+def test_a_run_saved_before_a_knob_existed_resumes_as_it_ran(tmp_path):
+    """A checkpoint and settings written without `sampling` read back as independent sampling."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pruner.config import PruneConfig
+    from pruner.pg.checkpoint import META_KEY
+
+    run = make_run(steps=2, run_dir=tmp_path / "r")
+    run.run()
+    path = tmp_path / "r" / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["config"]["sampling"]
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    assert make_run(steps=2, run_dir=tmp_path / "r").load_checkpoint()
+    settings = PruneConfig(method="pg").to_dict()
+    del settings["pg"]["sampling"]
+    assert PruneConfig.from_dict(settings).pg.sampling == "independent"
+
+
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
     run = make_run(steps=2, run_dir=tmp_path / "r")
     run.run()
@@ -333,6 +438,36 @@ def test_non_finite_settings_or_updates_fail_the_run_with_a_message(bad, tmp_pat
         return
     with pytest.raises(PrunerError, match="bad policy-gradient setting"):
         PGConfig(**bad).validate()
+
+
+def test_antithetic_sampling_needs_an_even_k():
+    with pytest.raises(PrunerError, match="pairs"):
+        PGConfig(samples=3, sampling="antithetic").validate()
+    PGConfig(samples=4, sampling="antithetic").validate()
+
+
+def test_a_run_saved_before_a_knob_existed_resumes_as_it_ran(tmp_path):
+    """A checkpoint and settings written without `sampling` read back as independent sampling."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pruner.config import PruneConfig
+    from pruner.pg.checkpoint import META_KEY
+
+    run = make_run(steps=2, run_dir=tmp_path / "r")
+    run.run()
+    path = tmp_path / "r" / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["config"]["sampling"]
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    assert make_run(steps=2, run_dir=tmp_path / "r").load_checkpoint()
+    settings = PruneConfig(method="pg").to_dict()
+    del settings["pg"]["sampling"]
+    assert PruneConfig.from_dict(settings).pg.sampling == "independent"
 
 
 def test_a_non_finite_loss_stops_the_run_as_failed(tmp_path):

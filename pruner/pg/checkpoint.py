@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PrunerError
+from .config import with_added_knobs
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"
@@ -123,7 +124,7 @@ def _read(path: Path) -> Checkpoint:
         snapshots.append(snap)
     _check(meta["baseline"] is None or math.isfinite(meta["baseline"]), "the baseline is not finite")
     return Checkpoint(step=meta["step"], s_h=tensors["s_h"], s_c=tensors["s_c"], baseline=meta["baseline"],
-                      generator=gen, config=meta["config"], ratio=meta["ratio"], seed=meta["seed"],
+                      generator=gen, config=with_added_knobs(meta["config"]), ratio=meta["ratio"], seed=meta["seed"],
                       settings=meta["settings"], status=meta["status"],
                       history={"steps": meta["steps"], "snapshots": snapshots, "evals": meta["evals"]})
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from ..budget import BUDGETS, SCOPES
 from ..errors import PrunerError
 from ..gathered import FORWARD_MODES
-from ..pg_math import BASELINES, ESTIMATORS, INITS
+from ..pg_math import BASELINES, ESTIMATORS, INITS, SAMPLINGS
 
 INIT_METRICS = ("flap", "wanda-sp", "taylor", "magnitude")
 FORWARD_DTYPES = ("auto", "fp32", "bf16")
@@ -43,6 +43,10 @@ class PGConfig:
                                    "updated with this step's losses first, as the reference scripts do: it scales "
                                    "the expected step by (K - 1/T)/(K - 1)); loo (leave-one-out: each sample against "
                                    "the mean of the others, unbiased); none", "Baseline", choices=BASELINES)
+    sampling: str = knob("independent", "independent: K independent masks, scored with the baseline below; "
+                                        "antithetic: K/2 pairs from one uniform each (1[u < s], 1[1 - u < s]), "
+                                        "scored with DisARM, which needs no baseline (K even)", "Sampling",
+                         choices=SAMPLINGS)
     estimator: str = knob("reference", "reference: (L-b)(m-s)/sqrt(s(1-s)); exact: (L-b)(m-s)/(s(1-s))", "Estimator",
                           choices=ESTIMATORS)
     budget: str = knob("separate", "separate: heads and channels each keep 1-ratio in expectation; joint: one "
@@ -88,7 +92,18 @@ class PGConfig:
                 ok = value in meta["choices"]
             if not ok:
                 raise PrunerError(f"bad policy-gradient setting: {f.name}={value!r}; expected {describe(f)}")
+        if self.sampling == "antithetic" and self.samples % 2:
+            raise PrunerError(f"antithetic sampling draws masks in pairs: samples (K) must be even, not {self.samples}")
         return self
+
+
+# Knobs added after runs were saved, with the value those runs behaved as: a saved run resumes as it ran.
+ADDED_KNOBS = {"sampling": "independent"}
+
+
+def with_added_knobs(saved: dict) -> dict:
+    """A saved PGConfig dict with the knobs added since (ADDED_KNOBS) at their earlier behaviour."""
+    return {**ADDED_KNOBS, **saved}
 
 
 def describe(f) -> str:

@@ -2,7 +2,7 @@
 
 One step (Gao et al., as the reference scripts run it; the math is pruner.pg_math.pg_step):
     batch   <- next B calibration blocks
-    m_1..K  ~ Bernoulli(s)                  fresh masks; each runs on its kept weights (gathered),
+    m_1..K  ~ Bernoulli(s)                  fresh masks (independent, or antithetic pairs); each runs on its kept weights (gathered),
                                             or all K in one batched masked forward
     L_j     =  mean token cross-entropy of the model under m_j    (no autograd)
     s       <- Project(s - lr_t g)          g from pg_step; cosine lr_t; budget per kind or joint
@@ -180,7 +180,7 @@ class PGRun:
         cfg = self.config
         t0 = time.perf_counter()
         s = torch.cat([self.s_h, self.s_c])
-        masks = pg_math.sample_masks(s, cfg.samples, self.generator)  # (K, N)
+        masks = pg_math.sample_masks(s, cfg.samples, self.generator, cfg.sampling)  # (K, N)
         losses = self.sample_losses(masks.float(), self.batch_at(self.step))
         if not torch.isfinite(losses).all():
             raise PrunerError(f"step {self.step + 1}: a sampled mask gave a non-finite loss ({losses.tolist()}); "
@@ -188,7 +188,7 @@ class PGRun:
         lr = pg_math.cosine_lr(self.step, cfg.steps, cfg.lr)
         s_new, baseline, per_sample = pg_math.pg_step(
             s, masks, losses, self.baseline, lr, estimator=cfg.estimator, window=cfg.window,
-            baseline_kind=cfg.baseline, penalty=cfg.penalty, lr0=cfg.lr)
+            baseline_kind=cfg.baseline, penalty=cfg.penalty, lr0=cfg.lr, sampling=cfg.sampling)
         if not torch.isfinite(s_new).all():
             raise PrunerError(f"step {self.step + 1}: the update made keep probabilities non-finite (lr {lr:g}, "
                               f"penalty {cfg.penalty:g}); the search stopped: lower the learning rate or penalty")
