@@ -1,4 +1,5 @@
-"""Compare: one prompt, the dense and a pruned model side by side, streamed; size, perplexity and speed."""
+"""Compare: one prompt, the dense model, a pruned one and Probe Pruning side by side, streamed;
+size, perplexity and speed."""
 
 import threading
 
@@ -7,12 +8,19 @@ import streamlit as st
 
 from app_pages.common import cached_model, choices, current_model, show_error, studio
 from pruner.errors import PrunerError
-from pruner.evaluate import decode_tokens_per_s, generate, perplexity, prefill_latency, total_params
+from pruner.evaluate import generate, model_card
+from pruner.probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner, dynamic_card
+from pruner.studio import private_copy
 from pruner.windows import corpus_windows
 
+PROBE_CALIB_WINDOWS = 32  # the Probe page's default: a history calibrated in seconds
+ROWS = {"parameters": "parameters", "perplexity": "perplexity", "prefill_s": "prefill latency (ms, 1x128)",
+        "decode_tokens_per_s": "decode tokens/s"}
+
 st.title("Compare")
-st.caption("The dense model and a pruned one on the same prompt (greedy decoding), then their size, "
-           "validation perplexity (16 windows of 128 tokens) and speed on this machine.")
+st.caption("The dense model next to a pruned one and, if you like, the dense model under Probe Pruning (each batch "
+           "pruned on the fly), on the same prompt (greedy decoding), then their size, validation perplexity "
+           "(16 windows of 128 tokens) and speed on this machine.")
 c = choices()
 dense = current_model()
 
@@ -24,59 +32,100 @@ labels = {r["id"]: f"{r['id']} · {r.get('settings', {}).get('method', '?')} · 
 choice = st.selectbox("Pruned model", options, format_func=lambda o: labels.get(o, o),
                       help="Runs that saved a model (finished or stopped), newest first")
 path = st.text_input("Directory of a pruned model") if choice == OTHER else str(studio().root / choice / "model")
+cols = st.columns([1, 3])
+with_probe = cols[0].toggle("Probe Pruning too", help="The dense model pruned batch by batch at inference "
+                            f"(Probe Pruning; history calibrated on {PROBE_CALIB_WINDOWS} train windows)")
+probe_ratio = cols[1].slider("Probe Pruning ratio", 0.1, 0.6, 0.4, 0.05, disabled=not with_probe,
+                             help="Share of query heads and MLP channels each batch runs without")
 prompt = st.text_area("Prompt", "The history of the printing press begins", height=80)
 max_new = st.slider("New tokens", 8, 200, 48)
-go = st.button("Generate", type="primary", disabled=not path)
+go = st.button("Generate", type="primary", disabled=not (path or with_probe))
 
 
-def stream(model, tokenizer, text: str, n: int):
-    """Yield decoded pieces as `generate` produces them (generation runs in a helper thread)."""
+def stream(produce, tokenizer, text: str, n: int):
+    """Yield decoded pieces as `produce(text, n, streamer)` generates them (in a helper thread)."""
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    thread = threading.Thread(target=generate, args=(model, tokenizer, text, n, streamer), daemon=True)
+    thread = threading.Thread(target=produce, args=(text, n, streamer), daemon=True)
     thread.start()
     yield from streamer
     thread.join()
 
 
+def plain(loaded):
+    return lambda text, n, streamer: generate(loaded.model, loaded.tokenizer, text, n, streamer)
+
+
+def validation(loaded, data: str):
+    return corpus_windows(loaded.tokenizer, data, "validation", 128, 16)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def measure(spec: str, device: str, dtype: str, data: str) -> dict:
     loaded = cached_model(spec, device, dtype)
-    windows = corpus_windows(loaded.tokenizer, data, "validation", 128, 16)
-    return {"parameters": total_params(loaded.model), "perplexity": perplexity(loaded.model, windows)["ppl"],
-            "prefill latency (ms, 1x128)": 1000 * prefill_latency(loaded.model, 128),
-            "decode tokens/s": decode_tokens_per_s(loaded.model)}
+    return model_card(loaded.model, validation(loaded, data))
+
+
+@st.cache_resource(show_spinner="Calibrating Probe Pruning's history...", max_entries=2)
+def probe_pruner(spec: str, device: str, dtype: str, data: str, ratio: float):
+    """A Probe Pruner on a private copy of the dense model (it hooks and slices its own modules),
+    and the lock that keeps two sessions from running it at once."""
+    loaded = private_copy(cached_model(spec, device, dtype))
+    config = ProbeConfig(ratio=ratio, data=data, calib_windows=PROBE_CALIB_WINDOWS)
+    return loaded, build_pruner(loaded, config, GENERATION_HISTORY_SEQLEN), threading.Lock()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def measure_probe(spec: str, device: str, dtype: str, data: str, ratio: float) -> dict:
+    loaded, pruner, lock = probe_pruner(spec, device, dtype, data, ratio)
+    with lock:
+        return dynamic_card(loaded, pruner, validation(loaded, data))
 
 
 if go:
+    shown = {f"Dense · {c['model_spec']}": ("dense", dense, plain(dense))}
     try:
-        pruned = cached_model(path, c["device"], c["dtype"])
+        if path:
+            pruned = cached_model(path, c["device"], c["dtype"])
+            shown["Pruned"] = ("pruned", pruned, plain(pruned))
+        if with_probe:
+            key = (c["model_spec"], c["device"], c["dtype"], c["data"], probe_ratio)
+            loaded, pruner, lock = probe_pruner(*key)
+
+            def probed(text, n, streamer):
+                with lock:
+                    pruner.generate(loaded.tokenizer, text, n, streamer)
+            shown[f"Probe Pruning · ratio {probe_ratio:.2f}"] = ("probe", loaded, probed)
     except PrunerError as exc:
         show_error(exc)
         st.stop()
-    left, right = st.columns(2)
-    with left:
-        st.subheader(f"Dense · {c['model_spec']}")
-        with st.container(key="dense_output", border=True):
-            st.write_stream(stream(dense.model, dense.tokenizer, prompt, max_new))
-    with right:
-        st.subheader("Pruned")
-        with st.container(key="pruned_output", border=True):
-            st.write_stream(stream(pruned.model, pruned.tokenizer, prompt, max_new))
+    for column, (title, (name, loaded, produce)) in zip(st.columns(len(shown)), shown.items()):
+        with column:
+            st.subheader(title)
+            with st.container(key=f"{name}_output", border=True):
+                st.write_stream(stream(produce, loaded.tokenizer, prompt, max_new))
     with st.spinner("Measuring size, perplexity and speed..."):
         try:
-            a = measure(c["model_spec"], c["device"], c["dtype"], c["data"])
-            b = measure(path, c["device"], c["dtype"], c["data"])
+            cards = {"dense": measure(c["model_spec"], c["device"], c["dtype"], c["data"])}
+            if path:
+                cards["pruned"] = measure(path, c["device"], c["dtype"], c["data"])
+            if with_probe:
+                cards["probe"] = measure_probe(*key)
         except PrunerError as exc:
             show_error(exc)
             st.stop()
-    table = pd.DataFrame({"dense": a, "pruned": b})
-    table["pruned / dense"] = table["pruned"] / table["dense"]
+    table = pd.DataFrame(cards).rename(index=ROWS)
+    table.loc[ROWS["prefill_s"]] *= 1000
+    for name in list(cards)[1:]:
+        table[f"{name} / dense"] = table[name] / table["dense"]
     with st.container(key="compare_table"):
         styled = (table.style.format("{:,.2f}")
-                  .format("{:,.0f}", subset=pd.IndexSlice[["parameters"], ["dense", "pruned"]])
-                  .format("{:.3f}", subset=["pruned / dense"]))
+                  .format("{:,.0f}", subset=pd.IndexSlice[["parameters"], list(cards)])
+                  .format("{:.3f}", subset=[f"{name} / dense" for name in list(cards)[1:]]))
         st.dataframe(styled, width="stretch")
     st.caption(f"Measured now on {dense.device} ({c['dtype']}); latency is the median of 5 forwards, "
-               "decode speed excludes the prefill. Numbers on a shared machine are noisy: compare ratios.")
+               "decode speed excludes the prefill. Numbers on a shared machine are noisy: compare ratios. "
+               + ("Probe Pruning's parameters are those a batch ran with (the mean over the 16 windows in batches "
+                  "of 8); its latency includes the probe, its decoding runs on the structure the prompt's probe "
+                  "chose." if with_probe else ""))

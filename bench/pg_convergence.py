@@ -35,6 +35,19 @@ def first_within(rows: list[dict], reference: float, within: float) -> dict | No
     return next((r for r in rows if r["ppl"] <= (1.0 + within) * reference), None)
 
 
+def knob_values(assignments: list[str]) -> dict:
+    """{"batch_size": 1, ...} from ["batch_size=1", ...], each value typed as its PGConfig default."""
+    defaults = dataclasses.asdict(PGConfig())
+    values = {}
+    for text in assignments:
+        name, _, value = text.partition("=")
+        if name not in defaults:
+            raise SystemExit(f"--set {text}: no policy-gradient knob {name!r}")
+        kind = type(defaults[name])
+        values[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return values
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded")
@@ -45,6 +58,8 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop the search after this much wall time (the curve so far is written)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="a policy-gradient knob changed from the studio's default (repeatable), e.g. batch_size=1")
     ap.add_argument("--name", default="pg_convergence")
     args = ap.parse_args()
     if args.threads:
@@ -52,8 +67,9 @@ def main() -> None:
 
     loaded = load_model(args.model, device=args.device)
     base = PruneConfig(method="pg", calib_windows=32)  # the Prune page's defaults
+    changed = knob_values(args.set)
     config = dataclasses.replace(base, pg=dataclasses.replace(base.pg, steps=args.steps, eval_every=args.eval_every,
-                                                              checkpoint_every=10**6))
+                                                              checkpoint_every=10**6, **changed)).validate()
     space = PruningSpace.from_model(loaded.model, loaded.adapter, config.granularity)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -88,7 +104,8 @@ def main() -> None:
     md = "\n".join([
         f"### Steps to quality of the studio's default search ({args.model}, {loaded.device}, ratio {config.ratio}, "
         f"K={config.pg.samples}, B={config.pg.batch_size} x {config.pg.seqlen}, init {config.pg.init}, "
-        f"{config.pg.forward_mode} forwards)",
+        f"{config.pg.forward_mode} forwards, sampling {config.pg.sampling}, baseline {config.pg.baseline}, "
+        f"lr {config.pg.lr:g}{', changed: ' + ', '.join(args.set) if args.set else ''})",
         "",
         f"Validation perplexity of the current hard mask on {len(run.valid)} validation windows of "
         f"{config.pg.seqlen} tokens, every {args.eval_every} steps. `search_s`: the steps' own seconds; "
@@ -105,7 +122,7 @@ def main() -> None:
         f"- Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load['before'])}, after "
         f"{tuple(round(x, 2) for x in load['after'])}: a shared machine; seconds vary with its load.",
     ])
-    write_results(args.name, {"args": vars(args), "device": str(loaded.device), "setup_s": setup_s, "rows": rows,
+    write_results(args.name, {"args": vars(args), "pg": dataclasses.asdict(config.pg), "device": str(loaded.device), "setup_s": setup_s, "rows": rows,
                               "final_ppl": final, "steps_done": run.step, "stopped": stopped, "first_within_10pct": hit, "load_average": load}, md)
     print(md)
 

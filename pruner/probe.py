@@ -45,7 +45,7 @@ from .adapters import Adapter, LayerShape, channels_of_heads
 from .calibration import each_output_input
 from .errors import PrunerError
 from .evaluate import generate as greedy_generate
-from .evaluate import prr, side_by_side, warm_up
+from .evaluate import decode_tokens_per_s, prefill_latency, prr, side_by_side, total_params, warm_up
 from .space import PruningSpace, check_ratio
 
 VARIANTS = ("probe", "full-batch", "fixed")
@@ -483,5 +483,21 @@ def dynamic_eval(loaded, windows: Tensor, config: ProbeConfig, batch_size: int, 
             "batch_size": batch_size, "wall_time_s": time.perf_counter() - start}
 
 
+def dynamic_card(loaded, pruner: ProbePruner, windows: Tensor, batch_size: int = 8) -> dict:
+    """`evaluate.model_card` of a model under Probe Pruning (`pruner` hooks `loaded.model`, a private copy):
+    parameters: all of them less the decoder-linear ones a batch of `windows` ran without (mean over batches);
+    perplexity of `windows` in batches of `batch_size` (probe, slice, full inference per batch);
+    prefill_s of a 1 x 128 prompt, the probe included; decode_tokens_per_s on the structure the prompt's
+    probe chose (as `generate --dynamic probe` decodes)."""
+    row = next(r for r in evaluate_dynamic(loaded, windows, batch_size, {"probe": pruner})["rows"] if r["name"] == "probe")
+    with pruner.active(), pruner.quiet():  # random timing prompts stay out of the history
+        prefill_s = prefill_latency(loaded.model, 128)
+    with pruner.active(reprobe=False), pruner.quiet():
+        decode = decode_tokens_per_s(loaded.model)
+    unused = row["achieved_ratio"] * decoder_params(loaded.model, loaded.adapter)
+    return {"parameters": total_params(loaded.model) - unused, "perplexity": row["ppl"], "prefill_s": prefill_s,
+            "decode_tokens_per_s": decode}
+
+
 __all__ = ["VARIANTS", "BatchRecord", "ProbeConfig", "ProbePruner", "build_pruner", "calibration_history_for",
-           "collect_history", "dynamic_eval", "evaluate_dynamic", "static_baselines"]
+           "collect_history", "dynamic_card", "dynamic_eval", "evaluate_dynamic", "static_baselines"]

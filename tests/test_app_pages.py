@@ -126,7 +126,7 @@ def test_prune_page_shows_an_unknown_run_clearly():
     assert any("no-such-run" in w.value for w in at.warning)
 
 
-def test_compare_page_generates_with_both_models():
+def test_compare_page_generates_with_both_models_and_probe_pruning():
     at = page("app_pages/prune.py")
     start_run(at, "magnitude")
     wait_for_status(at, ("finished",))
@@ -138,6 +138,15 @@ def test_compare_page_generates_with_both_models():
     table = cmp.dataframe[0].value
     assert table.loc["parameters", "pruned / dense"] < 0.9
     assert list(table.columns) == ["dense", "pruned", "pruned / dense"]
+
+    by_label(cmp.toggle, "Probe Pruning too").set_value(True).run()
+    by_label(cmp.slider, "Probe Pruning ratio").set_value(0.4)
+    by_label(cmp.button, "Generate").click().run()
+    assert not cmp.exception, cmp.exception
+    table = cmp.dataframe[0].value
+    assert list(table.columns) == ["dense", "pruned", "probe", "pruned / dense", "probe / dense"]
+    assert 0.6 < table.loc["parameters", "probe / dense"] < 0.95  # 40% of the heads and channels of layers 3+
+    assert table.loc["perplexity", "probe"] > table.loc["perplexity", "dense"]
 
 
 def run_until(at: AppTest, done, timeout: float = TIMEOUT) -> AppTest:

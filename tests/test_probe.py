@@ -265,3 +265,30 @@ def test_bad_settings_are_one_line_errors():
         ProbePruner(model, adapter, ProbeConfig(ratio=1.2))
     with pytest.raises(PrunerError, match="skip"):  # 3 tiny layers, 3 skipped: nothing left to prune
         ProbePruner(model, adapter, ProbeConfig(ratio=0.2))
+
+
+def test_the_dynamic_card_counts_what_a_batch_ran_with():
+    """Compare's numbers under Probe Pruning: parameters = all less the achieved share of the decoder
+    linears, perplexity from the pruned forwards of the windows (equal to masked inference with each
+    batch's decisions); the timing prompts record nothing, and the model has its full weights afterwards."""
+    import math
+    from types import SimpleNamespace
+
+    from pruner.evaluate import total_params
+    from pruner.probe import decoder_params, dynamic_card
+
+    model, adapter, pruner = setup("llama")
+    windows = ids_of(4, 16, seed=3)
+    before = [t.clone() for t in model.state_dict().values()]
+    card = dynamic_card(SimpleNamespace(model=model, adapter=adapter), pruner, windows, batch_size=2)
+    assert len(pruner.records) == 2  # the two evaluation batches only
+    unused = sum(pruner.achieved_ratio(r) for r in pruner.records) / 2 * decoder_params(model, adapter)
+    assert card["parameters"] == pytest.approx(total_params(model) - unused)
+    assert card["parameters"] < total_params(model)
+    nll = []
+    for record, batch in zip(pruner.records, windows.split(2)):
+        logp = torch.log_softmax(masked_logits(model, adapter, pruner, record, batch), -1)
+        nll.append(-logp[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1).mean(1))
+    assert card["perplexity"] == pytest.approx(math.exp(float(torch.cat(nll).mean())), rel=1e-4)
+    assert card["prefill_s"] > 0 and card["decode_tokens_per_s"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
