@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import plotly.graph_objects as go
 import streamlit as st
 
 from pruner import views
 from pruner.errors import PrunerError
-from pruner.evaluate import perplexity
 from pruner.models import load_model
 from pruner.studio import Studio
-from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS
-from pruner.windows import corpus_windows
 
 DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
@@ -66,23 +64,34 @@ def load_for_run(spec: str):
     return cached_model(spec, c["device"], c["dtype"])
 
 
-def validation_windows(loaded, data: str):
-    """The What-if queue's validation windows (the PG runs' default evaluation windows)."""
-    return corpus_windows(loaded.tokenizer, data, "validation", EVAL_SEQLEN, EVAL_WINDOWS)
+def known(queue, requests) -> bool:
+    """Whether the What-if `queue` has a result for every one of `requests`."""
+    return all(queue.result(w) is not None for w in requests)
 
 
-@st.cache_data(show_spinner=False)
-def dense_ppl(spec: str, device: str, dtype: str, data: str) -> float:
-    """Validation perplexity of the session's model."""
-    model = cached_model(spec, device, dtype)
-    return perplexity(model.model, validation_windows(model, data))["ppl"]
+def polled(name: str, queue, wanted: list, loaded, show, needed: list) -> None:
+    """Draw `show`; while the What-if `queue` lacks results of `needed`, redraw it in a fragment that
+    polls with a back-off (poll_seconds of the time waited for this wish; a full rerun moves to the next
+    interval) and re-submits the page's wish list `wanted` on `loaded`, so a page another session
+    superseded gets its turn again; rerun the whole page once they are all in, which ends the polling."""
+    key = f"poll_since_{name}"
+    if known(queue, needed):
+        st.session_state.pop(key, None)
+        show()
+        return
+    wish = hash(tuple(needed))
+    if st.session_state.get(key, (None,))[0] != wish:
+        st.session_state[key] = (wish, time.monotonic())
+    since = st.session_state[key][1]
+    every = poll_seconds(time.monotonic() - since)
 
-
-@st.cache_data(show_spinner="Measuring a saved model...", max_entries=64)
-def saved_model_ppl(path: str, device: str, dtype: str, data: str) -> float:
-    """Validation perplexity of a run's saved model, on the same windows."""
-    pruned = cached_model(path, device, dtype)
-    return perplexity(pruned.model, validation_windows(pruned, data))["ppl"]
+    @st.fragment(run_every=every)
+    def live():
+        queue.submit(wanted, loaded)
+        show()
+        if known(queue, needed) or poll_seconds(time.monotonic() - since) != every:
+            st.rerun()
+    live()
 
 
 def show_error(exc: Exception) -> None:

@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from app_pages.common import (EVAL_SEQLEN, EVAL_WINDOWS, POLL_SECONDS, budget_figure, choices, current_model,
-                              dense_ppl, heatmap_figure, layer_errors_figure, layers_figure, load_for_run, loss_figure,
-                              ppl_figure, report_json, saved_model_ppl, show_error, studio, variance_figure)
+from app_pages.common import (POLL_SECONDS, budget_figure, cached_model, choices,
+                              current_model, heatmap_figure, layer_errors_figure, layers_figure, load_for_run,
+                              loss_figure, polled, ppl_figure, report_json, show_error, studio, variance_figure)
 from pruner import views
 from pruner.config import ADMM_MASKS, RECONSTRUCT, PruneConfig
 from pruner.errors import PrunerError
@@ -15,6 +15,7 @@ from pruner.space import GRANULARITIES
 from pruner.sparsity_masks import parse_sparsity_type
 from pruner.run_record import read_record
 from pruner.studio import saved_history, saved_report
+from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS, WhatIf, describe_state
 
 st.title("Prune")
 c = choices()
@@ -282,26 +283,47 @@ def result_view(state: dict) -> None:
             cols[2].metric("Mean error after", f"{sum(data['after']) / len(data['after']):.4f}" if data["after"] else "-")
             cols[3].metric("Time per layer", f"{sum(r['time_s'] for r in layers) / len(layers):.1f} s" if layers else "-")
     if report and info.get("has_model") and not state["live"]:
-        with st.spinner("Measuring validation perplexity..."):
-            pruned_ppl = saved_model_ppl(str(manager.root / run_id / "model"), c["device"], c["dtype"], c["data"])
-            base = dense_ppl(c["model_spec"], c["device"], c["dtype"], c["data"])
         with st.container(key="run_result"):
-            cols = st.columns(4)
-            cols[0].metric("Validation perplexity", f"{pruned_ppl:.2f}", delta=f"{pruned_ppl / base:.2f}x dense",
-                           delta_color="off")
-            cols[1].metric("Dense perplexity", f"{base:.2f}")
-            cols[2].metric("Achieved ratio", f"{report['achieved_ratio']:.3f}")
-            cols[3].metric("Pruning time", f"{report['wall_time_s']:.1f} s")
-            st.caption(f"{EVAL_WINDOWS} validation windows of {EVAL_SEQLEN} tokens; the What-if sweep shows this "
-                       "run next to the metric methods.")
-            if "storage" in report:
-                st.info(f"Saved as {report['storage']}.")
+            measured(report, settings)
     if layers:
         errors_chart(layers, settings)
     if state.get("per_layer"):
         with st.container(key="layers_chart"):
             st.plotly_chart(layers_figure(state["per_layer"], "Per-layer kept fraction of the saved model"),
                             width="stretch")
+
+
+def measured(report: dict, settings: dict) -> None:
+    """The saved model's validation perplexity next to its dense model's, from the What-if queue
+    (one heavy computation at a time), polled until both are known."""
+    spec = settings.get("model") or c["model_spec"]
+    dense_model = cached_model(spec, c["device"], c["dtype"])
+    saved = WhatIf.saved(str(manager.root / run_id / "model"), c["device"], c["dtype"], c["data"])
+    dense = WhatIf.dense(spec, c["device"], c["dtype"], c["data"])
+    queue = manager.whatif
+    queue.submit([saved, dense], dense_model)
+
+    def show() -> None:
+        pruned, base = queue.result(saved), queue.result(dense)
+        if pruned is None or base is None:
+            st.info(f"Measuring validation perplexity: {describe_state(queue.state())}",
+                    icon=":material/hourglass_top:")
+            return
+        for result in (pruned, base):
+            if "error" in result:
+                st.error(result["error"])
+                return
+        cols = st.columns(4)
+        cols[0].metric("Validation perplexity", f"{pruned['ppl']:.2f}", delta=f"{pruned['ppl'] / base['ppl']:.2f}x dense",
+                       delta_color="off")
+        cols[1].metric("Dense perplexity", f"{base['ppl']:.2f}")
+        cols[2].metric("Achieved ratio", f"{report['achieved_ratio']:.3f}")
+        cols[3].metric("Pruning time", f"{report['wall_time_s']:.1f} s")
+        st.caption(f"{EVAL_WINDOWS} validation windows of {EVAL_SEQLEN} tokens; the What-if sweep shows this "
+                   "run next to the metric methods.")
+        if "storage" in report:
+            st.info(f"Saved as {report['storage']}.")
+    polled("run_result", queue, [saved, dense], dense_model, show, [saved, dense])
 
 
 def exports(state: dict) -> None:

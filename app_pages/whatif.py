@@ -4,12 +4,10 @@ The page never prunes: it hands what it wants to show to the studio's What-if qu
 at a time, a newer change replaces queued ones, none while a run is going) and polls for the results.
 """
 
-import time
-
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import choices, current_model, layer_errors_figure, layers_figure, poll_seconds, studio
+from app_pages.common import choices, current_model, layer_errors_figure, layers_figure, polled, studio
 from pruner import views
 from pruner.config import RECONSTRUCT
 from pruner.space import GRANULARITIES
@@ -67,10 +65,6 @@ def working() -> None:
     """What the queue does now, in words: the page's visible "working" state."""
     with st.container(key="whatif_working"):
         st.info(describe_state(queue.state()), icon=":material/hourglass_top:")
-
-
-def known(requests) -> bool:
-    return all(queue.result(w) is not None for w in requests)
 
 
 def show_result() -> None:
@@ -141,32 +135,7 @@ def show_sweep() -> None:
         st.plotly_chart(fig, width="stretch")
 
 
-def polled(name: str, show, needed: list) -> None:
-    """Draw `show`; while results in `needed` are missing, redraw it in a fragment that polls with a
-    back-off (poll_seconds of the time waited for this wish; a full rerun moves to the next interval)
-    and re-submits the page's wish list, so a page another session superseded gets its turn again;
-    rerun the whole page once they are all in, which ends the polling."""
-    key = f"poll_since_{name}"
-    if known(needed):
-        st.session_state.pop(key, None)
-        show()
-        return
-    wish = hash(tuple(needed))
-    if st.session_state.get(key, (None,))[0] != wish:
-        st.session_state[key] = (wish, time.monotonic())
-    since = st.session_state[key][1]
-    every = poll_seconds(time.monotonic() - since)
-
-    @st.fragment(run_every=every)
-    def live():
-        queue.submit(wanted, loaded)
-        show()
-        if known(needed) or poll_seconds(time.monotonic() - since) != every:
-            st.rerun()
-    live()
-
-
 with result_box:
-    polled("result", show_result, [current, dense])
+    polled("result", queue, wanted, loaded, show_result, [current, dense])
 with sweep_box:
-    polled("sweep", show_sweep, SWEEP_NEEDED if sweeping else [])
+    polled("sweep", queue, wanted, loaded, show_sweep, SWEEP_NEEDED if sweeping else [])

@@ -225,6 +225,7 @@ def test_prune_page_sparse_run_shows_layers_errors_and_perplexity():
     assert {m.label: m.value for m in at.metric}["Sparsity"] == "0.5"
     start_run(at, "wanda", **{"Calibration windows": 2})
     assert wait_for_status(at, ("finished", "failed")) == "finished"
+    run_until(at, lambda at: "Validation perplexity" in [m.label for m in at.metric])  # from the What-if queue
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Layers done"] == "30" and float(metrics["Achieved ratio"]) == pytest.approx(0.5, abs=1e-3)
     assert float(metrics["Validation perplexity"]) > float(metrics["Dense perplexity"])
