@@ -6,7 +6,7 @@ from app_pages.common import (POLL_SECONDS, budget_figure, cached_model, choices
                               current_model, heatmap_figure, layer_errors_figure, layers_figure, load_for_run,
                               loss_figure, polled, ppl_figure, report_json, show_error, studio, variance_figure)
 from pruner import views
-from pruner.config import ADMM_MASKS, RECONSTRUCT, PruneConfig
+from pruner.config import ADMM_MASKS, RECONSTRUCT, WANDA_SP_STATS, PruneConfig
 from pruner.errors import PrunerError
 from pruner.methods import METHODS
 from pruner.pg.config import PGConfig, pg_fields
@@ -77,7 +77,7 @@ with st.container(border=True):
     method = cols[0].selectbox("Method", names, index=names.index(shown.method), key=f"method{suffix}",
                                help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     sparse = METHODS[method].sparse
-    granularity, sparsity_type, reconstruct, admm = shown.granularity, "unstructured", "none", {}
+    granularity, sparsity_type, reconstruct, method_settings = shown.granularity, "unstructured", "none", {}
     if sparse:
         sparsity_type = cols[2].selectbox("Sparsity type", SPARSITY_TYPES, key=f"sparsity{suffix}",
                                           index=SPARSITY_TYPES.index(shown.sparsity_type)
@@ -109,12 +109,18 @@ with st.container(border=True):
                                              "(the ADMM fixed-mask update)")
     if method == "admm" or reconstruct == "admm":
         if method == "admm":
-            admm["admm_mask"] = cols[1].selectbox("ADMM mask", ADMM_MASKS, index=ADMM_MASKS.index(shown.admm_mask),
-                                                  key=f"admm_mask{suffix}",
-                                                  help="gradual: the paper's cubic ramp; reselect: the released "
-                                                       "code, the full-sparsity mask re-chosen each iteration")
-        admm["admm_iterations"] = int(cols[2].number_input("ADMM iterations", 1, 10_000, int(shown.admm_iterations),
-                                                           key=f"admm_iterations{suffix}"))
+            method_settings["admm_mask"] = cols[1].selectbox(
+                "ADMM mask", ADMM_MASKS, index=ADMM_MASKS.index(shown.admm_mask), key=f"admm_mask{suffix}",
+                help="gradual: the paper's cubic ramp; reselect: the released code, the full-sparsity mask "
+                     "re-chosen each iteration")
+        method_settings["admm_iterations"] = int(cols[2].number_input(
+            "ADMM iterations", 1, 10_000, int(shown.admm_iterations), key=f"admm_iterations{suffix}"))
+    if method == "wanda-sp":
+        method_settings["wanda_sp_stats"] = cols[1].selectbox(
+            "Wanda-sp statistics", WANDA_SP_STATS, index=WANDA_SP_STATS.index(shown.wanda_sp_stats),
+            key=f"wanda_sp_stats{suffix}", help="dense: input norms of the dense model (computed once, reused); "
+                                                 "sequential: layer by layer through the already-pruned layers, "
+                                                 "as the reference code does")
     pg_values = {}
     if method == "pg":
         st.markdown("**Policy-gradient settings** (defaults sized for the embedded model on a 2-core CPU)")
@@ -134,7 +140,7 @@ if start:
         pg = PGConfig(**pg_values) if pg_values else PGConfig()
         config = PruneConfig(method=method, ratio=float(ratio), granularity=granularity, data=c["data"],
                              seed=int(seed), calib_windows=int(calib_windows), pg=pg, sparsity_type=sparsity_type,
-                             reconstruct=reconstruct, **admm)
+                             reconstruct=reconstruct, **method_settings)
         job = manager.start(current_model(), config)
         st.query_params["run"] = job.id
         st.rerun()  # redraw the controls for the new run

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ADMM_MASKS, RECONSTRUCT
+from .config import ADMM_MASKS, RECONSTRUCT, WANDA_SP_STATS
 from .dispatch import DEVICE_MAPS
 from .errors import PrunerError
 from .space import GRANULARITIES
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="admm: gradual (the paper's cubic ramp, default) or reselect (the released code)")
     sparse.add_argument("--admm-iterations", type=int, default=None, help="admm (and --reconstruct admm): "
                         "ADMM iterations (default 20)")
+    p.add_argument("--wanda-sp-stats", choices=WANDA_SP_STATS, default=None,
+                   help="wanda-sp: input norms from the dense model (dense, default) or layer by layer through "
+                        "the already-pruned layers (sequential, as the reference code does)")
     p.add_argument("--reconstruct", choices=RECONSTRUCT, default="none",
                    help="structured methods: refit the kept columns of o_proj and down_proj and their bias "
                         "on sequential calibration inputs after the mask is chosen (ls: least squares, "
@@ -267,11 +270,12 @@ def prune_config_from_args(args, write: bool = True):
             raise PrunerError(f"--run-dir {run_dir} is a file: give a folder for the search's checkpoints")
     elif args.run_dir:
         raise PrunerError(f"--run-dir holds a search's checkpoints: it applies only to --method pg, not {args.method}")
-    admm = {k: v for k, v in (("admm_mask", args.admm_mask), ("admm_iterations", args.admm_iterations)) if v is not None}
+    chosen = {k: v for k, v in (("admm_mask", args.admm_mask), ("admm_iterations", args.admm_iterations),
+                                ("wanda_sp_stats", args.wanda_sp_stats)) if v is not None}
     return check_config(PruneConfig(method=args.method, ratio=ratio, granularity=args.granularity or "auto",
                                     data=args.data, seed=args.seed, calib_windows=args.calib_windows, pg=pg,
                                     run_dir=run_dir, sparsity_type=sparsity_type, reconstruct=args.reconstruct,
-                                    **admm))
+                                    **chosen))
 
 
 def _check_flags(args, method) -> None:
@@ -282,6 +286,8 @@ def _check_flags(args, method) -> None:
     if method.sparse and args.granularity is not None:
         raise PrunerError(f"--granularity chooses the units a structured method removes; {method.name} zeroes "
                           "single weights (choose the pattern with --sparsity-type)")
+    if args.wanda_sp_stats is not None and method.name != "wanda-sp":
+        raise PrunerError(f"--wanda-sp-stats is a setting of --method wanda-sp, not of {method.name}")
     if args.admm_mask is not None and method.name != "admm":
         raise PrunerError(f"--admm-mask is a setting of --method admm, not of {method.name}")
     if args.admm_iterations is not None and method.name != "admm" and args.reconstruct != "admm":

@@ -16,6 +16,7 @@ from .sparsity_masks import parse_sparsity_type, resolve_sparsity
 
 RECONSTRUCT = ("none", "ls", "admm")
 ADMM_MASKS = ("gradual", "reselect")
+WANDA_SP_STATS = ("dense", "sequential")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class PruneConfig:
     admm_mask: the ADMM method's mask schedule, "gradual" (the paper's cubic ramp) or "reselect"
         (the released code: the full-sparsity mask re-chosen during the first iterations).
     admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)).
+    wanda_sp_stats: Wanda-sp's input norms, "dense" (from the dense model, reused at every ratio) or
+        "sequential" (the reference's order: each layer's on the outputs of the pruned layers before it).
     """
 
     method: str = "magnitude"
@@ -46,6 +49,7 @@ class PruneConfig:
     reconstruct: str = "none"
     admm_mask: str = "gradual"
     admm_iterations: int = 20
+    wanda_sp_stats: str = "dense"
 
     def validate(self) -> "PruneConfig":
         check_ratio(self.ratio)
@@ -64,6 +68,9 @@ class PruneConfig:
             raise PrunerError(f"unknown reconstruction {self.reconstruct!r}: choose one of {', '.join(RECONSTRUCT)}")
         if self.admm_mask not in ADMM_MASKS:
             raise PrunerError(f"unknown ADMM mask schedule {self.admm_mask!r}: choose one of {', '.join(ADMM_MASKS)}")
+        if self.wanda_sp_stats not in WANDA_SP_STATS:
+            raise PrunerError(f"unknown Wanda-sp statistics {self.wanda_sp_stats!r}: choose one of "
+                              f"{', '.join(WANDA_SP_STATS)}")
         if not 1 <= self.admm_iterations <= 10_000:
             raise PrunerError(f"ADMM iterations must lie in [1, 10000], got {self.admm_iterations}")
         return self

@@ -268,3 +268,11 @@ def test_a_long_wait_polls_less(waited, every):
     from app_pages.common import poll_seconds
 
     assert poll_seconds(waited) == every
+
+
+def test_prune_page_offers_wanda_sp_statistics_for_wanda_sp_only():
+    at = page("app_pages/prune.py")
+    by_label(at.selectbox, "Method").set_value("wanda-sp").run()
+    assert by_label(at.selectbox, "Wanda-sp statistics").options == ["dense", "sequential"]
+    by_label(at.selectbox, "Method").set_value("flap").run()
+    assert "Wanda-sp statistics" not in [s.label for s in at.selectbox]

@@ -299,6 +299,7 @@ CASES = [
     case("run-dir is a file", PG + " --run-dir {tmp}/file.txt", "is a file", a_file("file.txt")),
     case("run-dir below a file", PG + " --run-dir {tmp}/file.txt/run", "is a file", a_file("file.txt")),
     case("run-dir without pg", PRUNE + " --ratio 0.3 --run-dir {tmp}/run", "--method pg"),
+    case("wanda-sp statistics for another method", PRUNE + " --ratio 0.3 --wanda-sp-stats sequential", "--method wanda-sp"),
     # -- pruning settings ---------------------------------------------------------------------------
     case("ratio missing", PRUNE, "--ratio is required"),
     case("ratio 0", PRUNE + " --ratio 0", "between 0 and 1"),

@@ -1,11 +1,14 @@
 """The baselines against plain re-implementations of their reference code, written here loop by loop."""
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import tiny_corpus, tiny_loaded
 
 from pruner.budget import keep_fraction, uniform_counts
 from pruner.config import PruneConfig
+from pruner.errors import PrunerError
 from pruner.methods import flap, taylor, wanda_sp
 from pruner.prune import prune, select
 from pruner.space import PruningSpace
@@ -173,6 +176,56 @@ def test_wanda_sp_scores_are_the_reference_scores(corpus):
         torch.testing.assert_close(heads[l], col.view(s.n_q, s.head_dim).sum(1).view(s.n_kv, s.group_size).mean(1))
         col = layer.mlp.down_proj.weight.double().abs().mean(0) * x[(l, "down")].pow(2).sum(0).sqrt()
         torch.testing.assert_close(channels[l], col)
+
+
+def plain_sequential_wanda_sp_mask(loaded, windows, ratio):
+    """FLAP repository, lib/prune.py::prune_wanda_sp, for kv groups: layer by layer, the norms of the
+    o_proj / down_proj inputs with the layers before it already pruned (here: a whole forward of a
+    copy whose earlier layers have their removed columns zeroed), the layer's top units kept by
+    score, its removed o_proj / down_proj columns zeroed."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    space = PruningSpace.from_model(model, loaded.adapter, "kv_group")
+    head_counts, channel_counts = uniform_counts(space, keep_fraction(ratio))
+    heads, channels = [], []
+    for l, layer in enumerate(model.model.layers):
+        s = space.shapes[l]
+        x = dense_inputs(dataclasses.replace(loaded, model=model), windows)  # through the pruned layers
+        w_o, w_d = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+        col = w_o.detach().double().abs().mean(0) * x[(l, "o")].pow(2).sum(0).sqrt()
+        unit = col.view(s.n_q, s.head_dim).sum(1).view(s.n_kv, s.group_size).mean(1)
+        keep_h = torch.zeros(s.n_kv, dtype=torch.bool)
+        keep_h[torch.argsort(unit, descending=True, stable=True)[:head_counts[l]]] = True
+        col = w_d.detach().double().abs().mean(0) * x[(l, "down")].pow(2).sum(0).sqrt()
+        keep_c = torch.zeros(s.d_ff, dtype=torch.bool)
+        keep_c[torch.argsort(col, descending=True, stable=True)[:channel_counts[l]]] = True
+        with torch.no_grad():
+            w_o[:, ~keep_h.repeat_interleave(s.group_size * s.head_dim)] = 0
+            w_d[:, ~keep_c] = 0
+        heads.append(keep_h)
+        channels.append(keep_c)
+    return heads, channels
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_sequential_wanda_sp_is_the_reference_order(corpus, ratio):
+    """--wanda-sp-stats sequential equals the plain layer-by-layer loop; its first layer equals the
+    dense statistics' (same inputs), and later layers see the pruned ones (the masks differ)."""
+    loaded = tiny_loaded("llama")
+    config = PruneConfig(method="wanda-sp", ratio=ratio, granularity="kv_group", data=corpus, calib_windows=6,
+                         calib_seqlen=16, wanda_sp_stats="sequential")
+    space = PruningSpace.from_model(loaded.model, loaded.adapter, "kv_group")
+    mask = select(loaded, config, space)[1].mask
+    heads, channels = plain_sequential_wanda_sp_mask(
+        loaded, calibration_windows(loaded.tokenizer, corpus, "train", 6, 16, 0), ratio)
+    for l in range(space.n_layers):
+        assert torch.equal(mask.heads[l], heads[l]) and torch.equal(mask.channels[l], channels[l]), l
+    dense = select(loaded, dataclasses.replace(config, wanda_sp_stats="dense"), space)[1].mask
+    assert torch.equal(dense.channels[0], mask.channels[0]) and torch.equal(dense.heads[0], mask.heads[0])
+    assert any(not torch.equal(dense.channels[l], mask.channels[l]) for l in range(1, space.n_layers))
+    with pytest.raises(PrunerError, match="block"):
+        select(loaded, dataclasses.replace(config, granularity="block"))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "taylor"])
