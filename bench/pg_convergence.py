@@ -9,18 +9,24 @@ test split is not read). Seconds are the search's own step times (evaluations le
 wall clock with them.
 
     .venv/bin/python -m bench.pg_convergence --threads 1 --eval-every 20
+    .venv/bin/python -m bench.pg_convergence --set batch_size=1 --set sampling=antithetic --name pg_conv_anti
+    .venv/bin/python -m bench.pg_convergence --compare pg_conv_moving pg_conv_anti --name pg_convergence_variants
+
+--compare reads earlier results of this script (bench/results/NAME.json) and writes one table of
+their curves side by side: perplexity against steps, and the search seconds each reached it in.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 
 import torch
 
-from bench.common import markdown_table, write_results
+from bench.common import RESULTS, markdown_table, write_results
 from pruner.config import PruneConfig
 from pruner.methods.pg import build_run
 from pruner.models import load_model
@@ -48,6 +54,43 @@ def knob_values(assignments: list[str]) -> dict:
     return values
 
 
+def compare(names: list[str], out: str) -> None:
+    """One table of several runs' validation curves (rows: evaluated steps; per run its perplexity and
+    the search seconds at that step), with each run's settings that differ from the studio's."""
+    runs = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in names}
+    steps = sorted({r["step"] for run in runs.values() for r in run["rows"]})
+    rows = []
+    for step in steps:
+        row = {"step": step}
+        for n, run in runs.items():
+            hit = next((r for r in run["rows"] if r["step"] == step), None)
+            row[f"{n} ppl"] = hit["ppl"] if hit else ""
+            row[f"{n} s"] = hit["search_s"] if hit else ""
+        rows.append(row)
+    columns = ["step"] + [f"{n} {k}" for n in runs for k in ("ppl", "s")]
+    formats = {c: "{:.1f}" for c in columns[1:]}
+    lines = [f"- `{n}`: {', '.join(run['args'].get('set') or []) or 'the studio defaults'}; {run['steps_done']} of "
+             f"{run['pg']['steps']} steps, start {run['rows'][0]['ppl']:.2f}, best {min(r['ppl'] for r in run['rows']):.2f}, "
+             f"last {run['final_ppl']:.2f}; load average before/after {run['load_average']['before'][0]:.1f}/"
+             f"{run['load_average']['after'][0]:.1f}; `{run['command']}`" for n, run in runs.items()]
+    first = next(iter(runs.values()))
+    md = "\n".join([
+        f"### Steps to quality of policy-gradient settings ({first['args']['model']}, {first['device']}, ratio "
+        f"{PruneConfig().ratio}, validation perplexity of the hard mask on "
+        f"{first['pg']['eval_windows']} windows)",
+        "",
+        "`ppl`: validation perplexity of the current hard mask at that step (step 0: the initialisation); "
+        "`s`: the search's own seconds to that step (evaluations left out). Every choice here reads the "
+        "validation split only.",
+        "",
+        markdown_table(rows, columns, formats),
+        "",
+        *lines,
+    ])
+    write_results(out, {"runs": names, "rows": rows}, md)
+    print(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded")
@@ -60,8 +103,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                     help="a policy-gradient knob changed from the studio's default (repeatable), e.g. batch_size=1")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="RESULT",
+                    help="instead of a run: one table of these earlier results (bench/results/RESULT.json)")
     ap.add_argument("--name", default="pg_convergence")
     args = ap.parse_args()
+    if args.compare:
+        return compare(args.compare, args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
 
