@@ -6,8 +6,8 @@ each linear of every layer pruned on sequential calibration inputs.
 Part 2 (structured): every --structured method at every --ratios, applied as it is and with
 `--reconstruct` ls and admm (the same mask, chosen once; the refit on sequential inputs).
 
-Perplexity on the test split of --data at each --seqlens (all windows unless --max-windows), the
-calibration windows from the train split. Wall time is that of the pruning itself (selection,
+Perplexity on the test split of --data (--split validation to make a choice, such as the calibration
+size) at each --seqlens (all windows unless --max-windows), the calibration windows from the train split. Wall time is that of the pruning itself (selection,
 weight update / refit, building the model), not of the evaluation. Results are written after every
 row, so an interrupted run keeps what it measured.
 
@@ -45,10 +45,10 @@ STRUCTURED = ("magnitude", "wanda-sp", "flap")
 RECONSTRUCT = ("none", "ls", "admm")
 
 
-def evaluate(model, tokenizer, data, seqlens, max_windows) -> dict:
+def evaluate(model, tokenizer, data, split, seqlens, max_windows) -> dict:
     out = {}
     for seqlen in seqlens:
-        windows = corpus_windows(tokenizer, data, "test", seqlen, max_windows)
+        windows = corpus_windows(tokenizer, data, split, seqlen, max_windows)
         out[f"ppl@{seqlen}"] = perplexity(model, windows, batch_size=max(1, 2048 // seqlen))["ppl"]
     return out
 
@@ -86,7 +86,10 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--reconstruct", nargs="*", default=list(RECONSTRUCT), choices=list(RECONSTRUCT))
     ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
-    ap.add_argument("--max-windows", type=int, default=None, help="the first N test windows at each seqlen (default all)")
+    ap.add_argument("--split", default="test", choices=["validation", "test"],
+                    help="where perplexity is measured: validation to make a choice (calibration size, damping), "
+                         "test for the final evaluation only")
+    ap.add_argument("--max-windows", type=int, default=None, help="the first N windows at each seqlen (default all)")
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -98,7 +101,8 @@ def main() -> None:
     loaded = load_model(args.model, device=args.device, dtype="fp32")
     base = dict(data=args.data, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen)
     rows = [{"family": "dense", "method": "dense", "setting": "-", "reconstruct": "-", "achieved_ratio": 0.0,
-             "wall_time_s": 0.0, **evaluate(loaded.model, loaded.tokenizer, args.data, args.seqlens, args.max_windows)}]
+             "wall_time_s": 0.0,
+             **evaluate(loaded.model, loaded.tokenizer, args.data, args.split, args.seqlens, args.max_windows)}]
     per_layer = {}
 
     def record(row: dict, result: dict) -> None:
@@ -117,7 +121,7 @@ def main() -> None:
             pruned, result, seconds = timed_prune(loaded, config)
             record({"family": "unstructured", "method": name, "setting": label, "reconstruct": "-",
                     "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
-                    **evaluate(pruned, loaded.tokenizer, args.data, args.seqlens, args.max_windows)}, result)
+                    **evaluate(pruned, loaded.tokenizer, args.data, args.split, args.seqlens, args.max_windows)}, result)
             del pruned
 
     for ratio in args.ratios:
@@ -134,7 +138,7 @@ def main() -> None:
                 result = report(loaded, applied_config, space, applied, pruned, seconds)
                 record({"family": "structured", "method": method, "setting": f"{ratio:g}", "reconstruct": how,
                         "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
-                        **evaluate(pruned, loaded.tokenizer, args.data, args.seqlens, args.max_windows)}, result)
+                        **evaluate(pruned, loaded.tokenizer, args.data, args.split, args.seqlens, args.max_windows)}, result)
                 del pruned
 
 
@@ -165,7 +169,7 @@ def write_report(rows, per_layer, args) -> None:
     columns = ["method", "setting", "reconstruct", "achieved_ratio", *ppl, "layer_error_before", "layer_error_after",
                "wall_time_s"]
     protocol = (f"{args.model}, {args.data}: calibration {args.calib_windows} train windows of {args.calib_seqlen} "
-                f"tokens; perplexity on the test split, "
+                f"tokens; perplexity on the {args.split} split, "
                 + ("all windows" if args.max_windows is None else f"the first {args.max_windows} windows")
                 + f" at seqlen {', '.join(map(str, args.seqlens))}")
     md = (f"### Weight updates after pruning ({protocol})\n\n"

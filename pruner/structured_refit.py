@@ -16,10 +16,9 @@ over the kept columns K and an intercept b (pruner.reconstruction): "ls" directl
 (`admm_refit_columns`), both with the cross term. So a layer may also correct what the earlier
 pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
 changed inputs (target X W^T). Neither target has yet been shown to beat FLAP's own bias on the
-embedded model: with few calibration tokens the refit overfits them (FLAP at 0.4, 16 windows of
-128 tokens: 584 without, 7503 with ls, 1258 with admm; the X W^T target with 64 windows: 572 ->
-721; bench/results/unstructured_cpu_flap.md, unstructured_smoke.md). Choosing the calibration
-size and damping on validation data is open.
+embedded model: with few calibration tokens (16 windows of 128) the refit overfits them and test
+perplexity rises (measured in an earlier session against the old FLAP; those results were withdrawn
+with it). Choosing the calibration size and damping on validation data is open.
 The removed columns become zero and b is added to the layer's bias, so a sublayer with nothing
 kept keeps its mean output W mu_d as a bias. The model keeps its dense shapes (masked == sliced:
 slicing it afterwards drops the zero columns and gives the same logits).
