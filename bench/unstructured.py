@@ -41,7 +41,12 @@ SPARSE = {  # row name -> (method, PruneConfig overrides)
     "admm-gradual": ("admm", {"admm_mask": "gradual"}),
     "admm-reselect": ("admm", {"admm_mask": "reselect"}),
 }
-STRUCTURED = ("magnitude", "wanda-sp", "flap")
+STRUCTURED = {  # row name: (method, PruneConfig overrides)
+    "magnitude": ("magnitude", {}),
+    "wanda-sp": ("wanda-sp", {}),
+    "wanda-sp-sequential": ("wanda-sp", {"wanda_sp_stats": "sequential"}),
+    "flap": ("flap", {}),
+}
 RECONSTRUCT = ("none", "ls", "admm")
 
 
@@ -82,7 +87,7 @@ def main() -> None:
     ap.add_argument("--sparse", nargs="*", default=list(SPARSE), choices=list(SPARSE))
     ap.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7])
     ap.add_argument("--nm", nargs="*", default=["2:4"], help="N:M patterns (at ratio 1 - N/M)")
-    ap.add_argument("--structured", nargs="*", default=list(STRUCTURED))
+    ap.add_argument("--structured", nargs="*", default=["magnitude", "wanda-sp", "flap"], choices=list(STRUCTURED))
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--reconstruct", nargs="*", default=list(RECONSTRUCT), choices=list(RECONSTRUCT))
     ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
@@ -126,7 +131,8 @@ def main() -> None:
 
     for ratio in args.ratios:
         for method in args.structured:
-            config = PruneConfig(method=method, ratio=ratio, **base)
+            name, overrides = STRUCTURED[method]
+            config = PruneConfig(method=name, ratio=ratio, **base, **overrides)
             start = time.perf_counter()
             space, selection = select(loaded, config)
             select_seconds = time.perf_counter() - start
