@@ -10,6 +10,7 @@ bias compensation, slicing) wraps the read in `resident(model, module)`.
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -18,6 +19,39 @@ from torch import nn
 from .errors import PrunerError
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+_EMPTY = threading.local()  # .depth > 0: this thread builds modules with empty weights
+_INSTALLED = threading.Lock()
+_plain_register_parameter = None
+
+
+def _register_parameter(module: nn.Module, name: str, param) -> None:
+    """nn.Module.register_parameter, then the parameter on `meta` inside `empty_weights` (this thread)."""
+    _plain_register_parameter(module, name, param)
+    if param is not None and getattr(_EMPTY, "depth", 0):
+        p = module._parameters[name]
+        kwargs = {**p.__dict__, "requires_grad": p.requires_grad}
+        module._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+
+@contextmanager
+def empty_weights():
+    """Modules built in this thread inside the block get their parameters on the `meta` device (no
+    memory, no initialisation), to be filled by `load_state_dict(..., assign=True)`; buffers stay real
+    (rotary tables are computed at construction). Like accelerate's `init_empty_weights(include_buffers=
+    False)`, except that other threads are untouched: that one swaps nn.Module.register_parameter for
+    every thread while it runs, so a model loaded by one page would empty the weights a background
+    job assigns meanwhile, and two overlapping loads could leave the swap in place for good."""
+    global _plain_register_parameter
+    with _INSTALLED:
+        if _plain_register_parameter is None:
+            _plain_register_parameter = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_parameter
+    _EMPTY.depth = getattr(_EMPTY, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _EMPTY.depth -= 1
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for
+from .dispatch import empty_weights
 from .errors import PrunerError
 from .hub import hub_reachable
 from .paths import embedded_model_dir
@@ -222,13 +223,12 @@ def _from_pretrained(location: str, dtype: torch.dtype, trust_remote_code: bool,
 
 def load_pruned(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a pruned model's per-layer shapes from `pruner_layout`, then load its weights."""
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     layout = config.pruner_layout
-    with init_empty_weights(include_buffers=False):
+    with empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         adapter = adapter_for(model)
         apply_layout(model, adapter, layout)

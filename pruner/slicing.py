@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, LayerShape
-from .dispatch import is_dispatched, resident
+from .dispatch import empty_weights, is_dispatched, resident
 from .space import Mask, PruningSpace
 
 
@@ -46,9 +46,7 @@ def _sliced_cpu_copy(model: nn.Module, adapter: Adapter, space: PruningSpace, ma
     """An empty copy of the architecture, filled module by module from the dispatched model (each
     made resident in turn), every decoder layer sliced as soon as it is filled: the CPU holds the
     pruned model plus one dense layer at a time, never the whole dense model."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
+    with empty_weights():
         clone = type(model)(copy.deepcopy(model.config))
     layers, clone_layers = adapter.layers(model), adapter.layers(clone)
     in_layers = {id(m) for layer in layers for m in layer.modules()}

@@ -24,6 +24,8 @@ def runs_dir(tmp_path, monkeypatch):
     if manager.active():
         manager.active().stop()
         manager.active().wait(120)
+    manager.whatif.submit([], None)  # drop what pages queued; the computation in flight ends (its thread
+    assert manager.whatif.wait_idle(600)  # must not be inside torch when the interpreter exits)
     common.studio.clear()
 
 

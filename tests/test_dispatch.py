@@ -72,3 +72,32 @@ def test_pruning_a_dispatched_model_equals_pruning_it_whole_and_the_save_reloads
     save_pruned(got, split.tokenizer, root / f"pruned-{method}", got_report)
     again = load_model(str(root / f"pruned-{method}"), device="cpu")
     torch.testing.assert_close(again.model(ids).logits, want(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_weights_touch_only_the_thread_that_asked():
+    """Inside `empty_weights` this thread's new parameters are on meta and its buffers real; a
+    parameter another thread assigns meanwhile stays real, and so does every one made afterwards."""
+    import threading
+
+    from pruner.dispatch import empty_weights
+
+    inside, done = threading.Event(), threading.Event()
+    made = {}
+
+    def build():
+        with empty_weights():
+            made["empty"] = torch.nn.Linear(4, 3)
+            made["empty"].register_buffer("table", torch.arange(3.0))
+            inside.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=build)
+    worker.start()
+    assert inside.wait(10)
+    other = torch.nn.Linear(4, 3)  # this thread, while the other builds with empty weights
+    other.weight = torch.nn.Parameter(torch.ones(3, 4))
+    done.set()
+    worker.join()
+    assert made["empty"].weight.device.type == "meta" and made["empty"].table.device.type == "cpu"
+    assert other.weight.device.type == "cpu" and other.bias.device.type == "cpu"
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
