@@ -4,8 +4,6 @@ errors shown in the page, and the chart builders (plotly figures from pruner.vie
 from __future__ import annotations
 
 import json
-import math
-import time
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -17,15 +15,7 @@ from pruner.studio import Studio
 
 DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
-# (waited up to s, poll every s): a long What-if wait polls less, so the polls do not slow the computation
-POLL_BACKOFF = ((10.0, 1.0), (60.0, 2.0), (math.inf, 5.0))
 CHART_HEIGHT = 300
-
-
-def poll_seconds(waited_s: float) -> float:
-    """How often a page polls for a result it has waited `waited_s` seconds for (POLL_BACKOFF):
-    every second at first, every 2 s after 10 s, every 5 s after a minute."""
-    return next(every for up_to, every in POLL_BACKOFF if waited_s < up_to)
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...", max_entries=6)
@@ -69,27 +59,20 @@ def known(queue, requests) -> bool:
     return all(queue.result(w) is not None for w in requests)
 
 
-def polled(name: str, queue, wanted: list, loaded, show, needed: list) -> None:
-    """Draw `show`; while the What-if `queue` lacks results of `needed`, redraw it in a fragment that
-    polls with a back-off (poll_seconds of the time waited for this wish; a full rerun moves to the next
-    interval) and re-submits the page's wish list `wanted` on `loaded`, so a page another session
-    superseded gets its turn again; rerun the whole page once they are all in, which ends the polling."""
-    key = f"poll_since_{name}"
+def polled(queue, wanted: list, loaded, show, needed: list) -> None:
+    """Draw `show`; while the What-if `queue` lacks results of `needed`, redraw it every POLL_SECONDS
+    in a fragment that re-submits the page's wish list `wanted` on `loaded` (so a page another session
+    superseded gets its turn again), and rerun the whole page once they are all in, which ends the
+    polling."""
     if known(queue, needed):
-        st.session_state.pop(key, None)
         show()
         return
-    wish = hash(tuple(needed))
-    if st.session_state.get(key, (None,))[0] != wish:
-        st.session_state[key] = (wish, time.monotonic())
-    since = st.session_state[key][1]
-    every = poll_seconds(time.monotonic() - since)
 
-    @st.fragment(run_every=every)
+    @st.fragment(run_every=POLL_SECONDS)
     def live():
         queue.submit(wanted, loaded)
         show()
-        if known(queue, needed) or poll_seconds(time.monotonic() - since) != every:
+        if known(queue, needed):
             st.rerun()
     live()
 

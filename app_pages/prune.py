@@ -329,7 +329,7 @@ def measured(report: dict, settings: dict) -> None:
                    "run next to the metric methods.")
         if "storage" in report:
             st.info(f"Saved as {report['storage']}.")
-    polled("run_result", queue, [saved, dense], dense_model, show, [saved, dense])
+    polled(queue, [saved, dense], dense_model, show, [saved, dense])
 
 
 def exports(state: dict) -> None:

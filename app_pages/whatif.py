@@ -136,6 +136,6 @@ def show_sweep() -> None:
 
 
 with result_box:
-    polled("result", queue, wanted, loaded, show_result, [current, dense])
+    polled(queue, wanted, loaded, show_result, [current, dense])
 with sweep_box:
-    polled("sweep", queue, wanted, loaded, show_sweep, SWEEP_NEEDED if sweeping else [])
+    polled(queue, wanted, loaded, show_sweep, SWEEP_NEEDED if sweeping else [])

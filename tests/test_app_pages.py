@@ -265,12 +265,6 @@ def test_whatif_page_reconstructs():
     assert refitted < plain
 
 
-@pytest.mark.parametrize("waited, every", [(0.0, 1.0), (9.9, 1.0), (10.0, 2.0), (59.0, 2.0), (60.0, 5.0), (3e4, 5.0)])
-def test_a_long_wait_polls_less(waited, every):
-    from app_pages.common import poll_seconds
-
-    assert poll_seconds(waited) == every
-
 
 def test_prune_page_offers_wanda_sp_statistics_for_wanda_sp_only():
     at = page("app_pages/prune.py")
