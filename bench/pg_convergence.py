@@ -2,8 +2,8 @@
 mask against steps and seconds.
 
 The run is the Prune page's default (PruneConfig(method="pg", calib_windows=32) with every
-PGConfig default: ratio 0.3, K=2, B=4 x 128 tokens, metric init, bias compensation, gathered
-forwards), its hard mask evaluated every --eval-every steps (and before the first step) on the
+PGConfig default: ratio 0.3, metric init, bias compensation, gathered forwards; --set changes a
+knob), its hard mask evaluated every --eval-every steps (and before the first step) on the
 validation windows the studio evaluates (`PGRun.evaluate_hard_mask`, validation split only; the
 test split is not read). Seconds are the search's own step times (evaluations left out) and the
 wall clock with them.

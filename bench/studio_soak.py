@@ -43,9 +43,9 @@ GIB = 2 ** 30
 METRICS = ["flap", "wanda-sp", "magnitude"]
 GRANULARITIES = ["kv_group", "query_head", "block"]
 RATIO_MIN, RATIO_MAX, RATIO_STEP = 0.05, 0.8, 0.05
-# Short PG runs: a few steps of one 32-token sequence from a random initialisation without bias
+# Short PG runs: a few steps of two 32-token sequences from a random initialisation without bias
 # compensation (no calibration pass); all of these differ from the form's defaults.
-PG_SETTINGS = {"Steps": 8, "Batch size": 1, "Sequence length": 32, "Calibration windows": 8}
+PG_SETTINGS = {"Steps": 8, "Batch size": 2, "Sequence length": 32, "Calibration windows": 8}
 PG_CHOICES = {"Initialisation": "random"}
 PG_TOGGLES = {"Bias compensation": False}
 

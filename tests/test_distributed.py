@@ -33,7 +33,8 @@ def make_search(run_dir, steps: int = STEPS) -> PGRun:
     blocks = torch.randint(0, 97, (16, 12), generator=g)
     valid = torch.randint(0, 97, (3, 12), generator=g)
     fill = input_means(collect_input_stats(model, adapter, blocks[:4]))
-    config = PGConfig(steps=steps, samples=3, batch_size=2, seqlen=12, init="random", eval_every=2, eval_windows=3,
+    config = PGConfig(steps=steps, samples=3, sampling="independent", batch_size=2, seqlen=12, init="random",
+                      eval_every=2, eval_windows=3,
                       snapshot_every=2, checkpoint_every=2, bias_compensation=True)
     return PGRun(model, adapter, space, 0.5, config, seed=0, blocks=blocks, valid=valid,
                  run_dir=Path(run_dir) if run_dir else None, fill=fill)
@@ -123,8 +124,8 @@ def test_torchrun_prune_equals_one_process_and_only_rank_0_writes(tmp_path, caps
     model = save_tiny(tmp_path / "tiny")
     text = tiny_corpus(tmp_path / "text.txt")
     args = ["prune", "--model", str(model), "--method", "pg", "--ratio", "0.5", "--data", str(text), "--steps", "4",
-            "--samples", "3", "--batch-size", "2", "--seqlen", "16", "--eval-every", "2", "--eval-windows", "3",
-            "--calib-windows", "4", "--json"]
+            "--samples", "3", "--sampling", "independent", "--batch-size", "2", "--seqlen", "16", "--eval-every", "2",
+            "--eval-windows", "3", "--calib-windows", "4", "--json"]
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(AUDIT)

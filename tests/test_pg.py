@@ -347,7 +347,7 @@ def test_a_run_saved_before_a_knob_existed_resumes_as_it_ran(tmp_path):
     from pruner.config import PruneConfig
     from pruner.pg.checkpoint import META_KEY
 
-    run = make_run(steps=2, run_dir=tmp_path / "r")
+    run = make_run(steps=2, run_dir=tmp_path / "r", sampling="independent")  # as runs before the knob sampled
     run.run()
     path = tmp_path / "r" / CHECKPOINT
     with safe_open(str(path), framework="pt") as f:
@@ -355,7 +355,9 @@ def test_a_run_saved_before_a_knob_existed_resumes_as_it_ran(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     del meta["config"]["sampling"]
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
-    assert make_run(steps=2, run_dir=tmp_path / "r").load_checkpoint()
+    assert make_run(steps=2, run_dir=tmp_path / "r", sampling="independent").load_checkpoint()
+    with pytest.raises(PrunerError, match="other settings"):  # not as today's default
+        make_run(steps=2, run_dir=tmp_path / "r").load_checkpoint()
     settings = PruneConfig(method="pg").to_dict()
     del settings["pg"]["sampling"]
     assert PruneConfig.from_dict(settings).pg.sampling == "independent"
@@ -440,36 +442,6 @@ def test_non_finite_settings_or_updates_fail_the_run_with_a_message(bad, tmp_pat
         PGConfig(**bad).validate()
 
 
-def test_antithetic_sampling_needs_an_even_k():
-    with pytest.raises(PrunerError, match="pairs"):
-        PGConfig(samples=3, sampling="antithetic").validate()
-    PGConfig(samples=4, sampling="antithetic").validate()
-
-
-def test_a_run_saved_before_a_knob_existed_resumes_as_it_ran(tmp_path):
-    """A checkpoint and settings written without `sampling` read back as independent sampling."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from pruner.config import PruneConfig
-    from pruner.pg.checkpoint import META_KEY
-
-    run = make_run(steps=2, run_dir=tmp_path / "r")
-    run.run()
-    path = tmp_path / "r" / CHECKPOINT
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()[META_KEY])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    del meta["config"]["sampling"]
-    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
-    assert make_run(steps=2, run_dir=tmp_path / "r").load_checkpoint()
-    settings = PruneConfig(method="pg").to_dict()
-    del settings["pg"]["sampling"]
-    assert PruneConfig.from_dict(settings).pg.sampling == "independent"
-
-
 def test_a_non_finite_loss_stops_the_run_as_failed(tmp_path):
     run = make_run(steps=4, run_dir=tmp_path / "r")
     run.sample_losses = lambda masks, batch: torch.tensor([1.0, float("nan")], dtype=torch.float64)
@@ -503,7 +475,7 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
 
     from safetensors.torch import load_file, save_file
 
-    run = make_run(steps=2, run_dir=tmp_path / "r")
+    run = make_run(steps=2, run_dir=tmp_path / "r", sampling="independent")  # as runs before the knob sampled
     run.run()
     path = tmp_path / "r" / CHECKPOINT
     if damage == "truncate":
