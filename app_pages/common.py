@@ -106,11 +106,16 @@ def loss_figure(steps: list[dict]) -> go.Figure:
 
 
 def variance_figure(steps: list[dict]) -> go.Figure:
+    """The spread of the step's gradient estimates: their variance across the K samples (independent
+    masks), and their mean square (any sampling; one antithetic pair has no variance to measure)."""
     fig = go.Figure()
-    fig.add_scatter(x=[r["step"] for r in steps], y=[r["grad_variance"] for r in steps], mode="lines",
-                    name="variance")
+    x = [r["step"] for r in steps]
+    if any(r.get("grad_variance") is not None for r in steps):
+        fig.add_scatter(x=x, y=[r.get("grad_variance") for r in steps], mode="lines", name="variance across samples")
+    if any("grad_mean_square" in r for r in steps):
+        fig.add_scatter(x=x, y=[r.get("grad_mean_square") for r in steps], mode="lines", name="mean square")
     fig.update_yaxes(type="log", dtick=1, exponentformat="power")  # one label per decade
-    return _layout(fig, "Variance of the gradient estimate", "step", "mean per-unit variance")
+    return _layout(fig, "Spread of the gradient estimate", "step", "mean per unit")
 
 
 def budget_figure(steps: list[dict]) -> go.Figure:

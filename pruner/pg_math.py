@@ -110,6 +110,12 @@ def gradient_variance(per_sample: Tensor) -> float | None:
     return float(per_sample.double().var(0, unbiased=True).mean())
 
 
+def mean_square(per_sample: Tensor) -> float:
+    """(1/(K N)) sum_j sum_i g_ji^2 over the per-sample (or per-pair) estimates: their spread around
+    zero, defined from a single estimate too; close to their variance where the signal is small."""
+    return float(per_sample.double().pow(2).mean())
+
+
 def log_odds_penalty(s: Tensor, eps: float = 1e-6) -> Tensor:
     """Gradient term lambda_t * (log(1 - s) - log s): pushes probabilities toward 0 or 1."""
     s = s.clamp(eps, 1 - eps)

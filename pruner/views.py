@@ -80,7 +80,7 @@ def probe_totals(batches: list[dict]) -> dict:
             "probe_ppl": math.exp(sum(b["probe_nll"] for b in batches) / n)}
 
 
-CURVE_FIELDS = ("step", "loss_mean", "baseline", "grad_variance", "lr", "expected_kept_fraction",
+CURVE_FIELDS = ("step", "loss_mean", "baseline", "grad_variance", "grad_mean_square", "lr", "expected_kept_fraction",
                 "target_kept_fraction", "heads_mean", "heads_entropy", "channels_mean", "channels_entropy",
                 "tokens_per_s", "step_time_s")
 

@@ -331,6 +331,25 @@ def test_bad_config_is_a_clear_error(bad):
         PGConfig(**bad).validate()
 
 
+def test_each_step_records_the_spread_of_its_estimates():
+    """Independent masks: the variance across the K per-sample estimates and their mean square; one
+    antithetic pair: no variance to measure, its mean square all the same."""
+    for sampling, k in (("independent", 3), ("antithetic", 2)):
+        run = make_run(steps=3, sampling=sampling, samples=k)
+        captured = {}
+        real = pg_math.pg_step
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pg_math, "pg_step", lambda *a, **kw: captured.setdefault("out", real(*a, **kw)))
+            record = run.do_step()
+        per_sample = captured["out"][2]
+        assert record["grad_mean_square"] == pytest.approx(float(per_sample.pow(2).mean()))
+        assert record["grad_mean_square"] > 0
+        if sampling == "independent":
+            assert record["grad_variance"] == pytest.approx(float(per_sample.var(0).mean()))
+        else:
+            assert per_sample.shape[0] == 1 and record["grad_variance"] is None
+
+
 def test_antithetic_sampling_needs_an_even_k():
     with pytest.raises(PrunerError, match="pairs"):
         PGConfig(samples=3, sampling="antithetic").validate()

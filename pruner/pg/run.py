@@ -203,6 +203,7 @@ class PGRun:
             "loss_mean": float(losses.mean()),
             "baseline": self.baseline,
             "grad_variance": pg_math.gradient_variance(per_sample),
+            "grad_mean_square": pg_math.mean_square(per_sample),
             "lr": lr,
             "expected_kept_fraction": self.expected_kept_fraction(),
             "target_kept_fraction": self.keep,
