@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.common import markdown_table, write_results
 from pruner.paths import cache_dir
+from pruner.pg.config import PGConfig
 from tools.browser import (REPO_ROOT, PageWatch, choose, launch_chromium, serve_studio, set_number, toggle,
                            wait_for_app_idle)
 
@@ -26,6 +27,7 @@ ASSETS = REPO_ROOT / "assets"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
 WIDE, TALL = {"width": 1400, "height": 1000}, {"width": 1400, "height": 2600}
 LONG_MS = 900_000
+PG = PGConfig()  # the form's defaults
 
 
 def step_of(page) -> int:
@@ -174,8 +176,8 @@ def main() -> None:
           + markdown_table(rows, ["measurement", "seconds", "first_step_s"],
                            {"seconds": "{:.2f}", "first_step_s": "{:.2f}"})
           + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
-            "(defaults: K=2, 4 x 128 tokens), after tokenising the corpus and, for a metric "
-            "initialisation, calibrating. The page polls the run every second. A refresh while a run goes "
+            f"(defaults: K={PG.samples}, {PG.batch_size} x {PG.seqlen} tokens), after tokenising the corpus and, "
+            "for a metric initialisation, calibrating. The page polls the run every second. A refresh while a run goes "
             "shares the 2 cores with the run's forward passes; the same refresh once it has stopped "
             "is the rendering alone.")
     write_results(args.name, {"rows": rows, "cache": cache_state, "load_average": load}, md)
