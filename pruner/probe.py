@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from . import probe_math as pm
 from .adapters import Adapter, LayerShape, channels_of_heads
 from .calibration import each_output_input
+from .dispatch import model_device
 from .errors import PrunerError
 from .evaluate import generate as greedy_generate
 from .evaluate import decode_tokens_per_s, prefill_latency, prr, side_by_side, total_params, warm_up
@@ -489,14 +490,16 @@ def dynamic_card(loaded, pruner: ProbePruner, windows: Tensor, batch_size: int =
     perplexity of `windows` in batches of `batch_size` (probe, slice, full inference per batch);
     prefill_s of a 1 x 128 prompt, the probe included; decode_tokens_per_s on the structure the prompt's
     probe chose (as `generate --dynamic probe` decodes)."""
-    row = next(r for r in evaluate_dynamic(loaded, windows, batch_size, {"probe": pruner})["rows"] if r["name"] == "probe")
+    unused_shares = []  # the probe alone: Compare measures the dense model on its own
+    result = side_by_side({"probe": pruner.forward}, windows, batch_size, model_device(loaded.model),
+                          on_batch=lambda index, entry: unused_shares.append(pruner.achieved_ratio(pruner.records[-1])))
     with pruner.active(), pruner.quiet():  # random timing prompts stay out of the history
         prefill_s = prefill_latency(loaded.model, 128)
     with pruner.active(reprobe=False), pruner.quiet():
         decode = decode_tokens_per_s(loaded.model)
-    unused = row["achieved_ratio"] * decoder_params(loaded.model, loaded.adapter)
-    return {"parameters": total_params(loaded.model) - unused, "perplexity": row["ppl"], "prefill_s": prefill_s,
-            "decode_tokens_per_s": decode}
+    unused = _mean(unused_shares) * decoder_params(loaded.model, loaded.adapter)
+    return {"parameters": total_params(loaded.model) - unused, "perplexity": result["probe"]["ppl"],
+            "prefill_s": prefill_s, "decode_tokens_per_s": decode}
 
 
 __all__ = ["VARIANTS", "BatchRecord", "ProbeConfig", "ProbePruner", "build_pruner", "calibration_history_for",
