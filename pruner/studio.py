@@ -74,7 +74,42 @@ class _Stopped(Exception):
     """Raised between two layers of a layer-by-layer run when Stop was pressed."""
 
 
-class Job:
+class _Background:
+    """What the studio's jobs share: a status, one daemon thread running the subclass's `_work`, and
+    the turn it waits for (the studio's one-heavy-job rule) before it works on a private copy of the
+    shared model."""
+
+    _status: str
+    _thread: threading.Thread | None
+    _wait_turn = None
+    loaded: LoadedModel | None
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the job works; its final status is set as the thread's last act on the run."""
+        return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
+
+    @property
+    def ended(self) -> bool:
+        return self._status in FINAL
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _spawn(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _take_turn(self) -> None:
+        """In the job's thread: wait for the turn, then take a private copy (hooks, swapped-in weights
+        and pruning never touch the shared model)."""
+        if self._wait_turn is not None:
+            self._wait_turn()
+        self.loaded = private_copy(self.loaded)
+
+
+class Job(_Background):
     """One run of any method in a background thread, with a status the pages can poll.
 
     For policy gradient, `pg` is the live `PGRun` (history, pause/resume/stop). When the loop
@@ -109,15 +144,6 @@ class Job:
             # the loop's own status while it goes; once it has ended, the job still slices and saves
             return {"created": "running", "running": "running", "paused": "paused"}.get(self.pg.status, "saving")
         return self._status
-
-    @property
-    def is_alive(self) -> bool:
-        """True while the job works; its final status is set as the thread's last act on the run."""
-        return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
-
-    @property
-    def ended(self) -> bool:
-        return self._status in FINAL
 
     def history(self) -> dict:
         pg = self.pg
@@ -157,8 +183,7 @@ class Job:
         self._status, self.error, self._stop_asked = "loading", None, False
         self.layers = []
         self._write()
-        self._thread = threading.Thread(target=self._work, name=f"job-{self.id}", daemon=True)
-        self._thread.start()
+        self._spawn(f"job-{self.id}")
 
     def pause(self) -> None:
         if self.pg:
@@ -173,16 +198,10 @@ class Job:
         if self.pg:
             self.pg.stop()
 
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread:
-            self._thread.join(timeout)
-
     # -- the work -------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
-            if self._wait_turn is not None:
-                self._wait_turn()
-            self.loaded = private_copy(self.loaded)  # hooks and pruning never touch the shared model
+            self._take_turn()
             if self.config.method == "pg":
                 ended = self._run_pg()
             else:
@@ -235,7 +254,7 @@ class Job:
                           has_model=(self.dir / MODEL_SUBDIR / REPORT_FILE).is_file())
 
 
-class ProbeJob:
+class ProbeJob(_Background):
     """A few batches of Probe Pruning, each timed against the dense forward, in a background thread.
 
     Validation windows of `seqlen` tokens of the config's corpus, `batches` batches of `batch_size`.
@@ -260,14 +279,6 @@ class ProbeJob:
     def status(self) -> str:
         return self._status
 
-    @property
-    def is_alive(self) -> bool:
-        return bool(self._thread and self._thread.is_alive()) and self._status in LIVE
-
-    @property
-    def ended(self) -> bool:
-        return self._status in FINAL
-
     def progress(self) -> tuple[int, int]:
         return len(self._results), self.batches
 
@@ -278,23 +289,16 @@ class ProbeJob:
 
     def start(self) -> None:
         self._status = "loading"
-        self._thread = threading.Thread(target=self._work, name=f"probe-{self.id}", daemon=True)
-        self._thread.start()
+        self._spawn(f"probe-{self.id}")
 
     def stop(self) -> None:
         self._stop_asked = True
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread:
-            self._thread.join(timeout)
 
     def _work(self) -> None:
         from .windows import corpus_windows
 
         try:
-            if self._wait_turn is not None:
-                self._wait_turn()
-            self.loaded = private_copy(self.loaded)  # the pruner hooks and slices its own copy
+            self._take_turn()
             windows = corpus_windows(self.loaded.tokenizer, self.config.data, "validation", self.seqlen,
                                      self.batches * self.batch_size)
             pruner = build_pruner(self.loaded, self.config, self.seqlen)
