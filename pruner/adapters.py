@@ -415,11 +415,12 @@ class Adapter:
         swaps.set(attn, "num_key_value_groups", len(q_heads) // len(kv_heads))
 
     def gather_mlp(self, model: nn.Module, i: int, channels: Tensor, swaps: Swaps,
-                   extra_bias: Tensor | None = None,
+                   live: Tensor | None = None, extra_bias: Tensor | None = None,
                    select: Callable[[Tensor, int, Tensor], Tensor] = Tensor.index_select) -> None:
         """Until `swaps.undo()`, layer i's MLP computes only `channels`, on gathered rows of gate/up
-        and columns of down (made by `select`); `extra_bias` is added to down's output. None kept:
-        a `RemovedMLP`."""
+        and columns of down (made by `select`). `live` (per channel): False channels are computed
+        but their down columns are zero. `extra_bias` is added to down's output. None kept: a
+        `RemovedMLP`."""
         block = self.layers(model)[i]
         mlp = block.mlp
         if not hasattr(mlp, "down_proj"):
@@ -434,7 +435,10 @@ class Adapter:
             swaps.tensor(linear, "weight", select(linear.weight, 0, idx))
             if linear.bias is not None:
                 swaps.tensor(linear, "bias", linear.bias.index_select(0, idx))
-        swaps.tensor(mlp.down_proj, "weight", select(mlp.down_proj.weight, 1, idx))
+        down = select(mlp.down_proj.weight, 1, idx)
+        if live is not None and not bool(live.all()):
+            down.mul_(live.to(down.device, down.dtype))
+        swaps.tensor(mlp.down_proj, "weight", down)
         if extra_bias is not None:
             swaps.tensor(mlp.down_proj, "bias", _with_bias(mlp.down_proj.bias, extra_bias))
 

@@ -15,7 +15,8 @@ masked forward of pruner.masking, up to rounding:
 
 A sublayer with no unit kept becomes a stand-in that adds its output bias. A query_head mask
 may keep different counts in the kv groups of a layer; the groups are padded to one count with
-removed heads whose o columns are zero (PruningSpace.gathered_query_heads). A layer whose weights
+removed heads whose o columns are zero (PruningSpace.gathered_query_heads); the kept MLP channels
+are padded to a multiple of CHANNEL_MULTIPLE the same way (PruningSpace.gathered_channels). A layer whose weights
 are offloaded (not resident before the forward, accelerate's `meta` placeholders) runs masked
 instead, through the same hooks as pruner.masking, with the same result.
 """
@@ -33,6 +34,9 @@ from .masking import expand_unit_mask, layer_hooks
 from .space import Mask, PruningSpace
 
 FORWARD_MODES = ("gathered", "masked")
+# Gathered MLPs compute a multiple of this many channels (padded with removed ones, their down
+# columns zero): on this project's CPU a product 576 -> 771 took 1.4x as long as 576 -> 784.
+CHANNEL_MULTIPLE = 16
 
 
 def compensation_bias(weight: Tensor, fill: Tensor, channel_mask: Tensor) -> Tensor:
@@ -128,9 +132,9 @@ def _gather_layer(model: nn.Module, adapter: Adapter, space: PruningSpace, mask:
             extra = compensation_bias(adapter.output_linear(model, l, "o_proj").weight, fill[0][l], channel_mask)
         adapter.gather_attention(model, l, heads, kv, swaps, live=live, extra_bias=extra, select=workspace.select)
     if shape.d_ff and mask.channels[l].numel():
-        channels = space.kept_channels(l, mask.channels[l])
+        channels, live = space.gathered_channels(l, mask.channels[l], CHANNEL_MULTIPLE)
         extra = None
         if fill is not None:
             channel_mask = expand_unit_mask(mask.channels[l].float(), space.channel_unit_of_channel(l))
             extra = compensation_bias(adapter.output_linear(model, l, "down_proj").weight, fill[1][l], channel_mask)
-        adapter.gather_mlp(model, l, channels, swaps, extra_bias=extra, select=workspace.select)
+        adapter.gather_mlp(model, l, channels, swaps, live=live, extra_bias=extra, select=workspace.select)

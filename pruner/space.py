@@ -245,6 +245,21 @@ class PruningSpace:
         q = self.kept_query_heads(layer, head_mask)
         return torch.unique(q // s.group_size) if len(q) else q
 
+    def gathered_channels(self, layer: int, channel_mask: Tensor, multiple: int = 1) -> tuple[Tensor, Tensor]:
+        """The MLP channels a gathered forward computes for `channel_mask`, and which of them are
+        kept: (channels, live). The kept channels come first; the count is padded up to a multiple of
+        `multiple` (at most d_ff) with the first removed channels, whose outputs are then discarded
+        (live False): matrix products of such widths run faster per FLOP than odd ones. No channel
+        kept gives empty tensors (the sublayer is removed)."""
+        kept = self.kept_channels(layer, channel_mask)
+        d_ff = self.shapes[layer].d_ff
+        width = min(-(-len(kept) // multiple) * multiple, d_ff) if len(kept) else 0
+        removed = torch.ones(d_ff, dtype=torch.bool)
+        removed[kept] = False
+        channels = torch.cat([kept, removed.nonzero().flatten()[:width - len(kept)]])
+        live = torch.arange(width) < len(kept)
+        return channels, live
+
     def kept_channels(self, layer: int, channel_mask: Tensor) -> Tensor:
         keep = channel_mask.bool()
         if self.granularity == "block":

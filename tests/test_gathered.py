@@ -67,6 +67,20 @@ def test_gathered_losses_equal_masked_losses(arch, granularity, compensate):
     torch.testing.assert_close(dense, window_losses(model, ids))
 
 
+@pytest.mark.parametrize("kept, multiple, width", [(0, 16, 0), (10, 16, 16), (16, 16, 16), (17, 16, 32),
+                                                    (38, 16, 40), (40, 16, 40), (7, 1, 7)])
+def test_gathered_channels_pad_with_removed_channels(kept, multiple, width):
+    """Kept channels first, then the first removed ones up to a multiple (at most d_ff = 40)."""
+    space = PruningSpace.from_model(model_of("llama"), adapter_for(model_of("llama")), "kv_group")
+    mask = torch.zeros(40)
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(kept))[:kept].sort().values
+    mask[chosen] = 1
+    channels, live = space.gathered_channels(0, mask, multiple)
+    assert channels.shape == live.shape == (width,)
+    assert torch.equal(channels[:kept], chosen) and bool(live[:kept].all()) and not live[kept:].any()
+    assert not mask[channels[kept:]].any() and len(set(channels.tolist())) == width
+
+
 def test_gathered_forward_computes_only_the_kept_weights():
     """The swapped linears hold only the kept rows / columns while the layer runs."""
     model = model_of("llama_bias")
@@ -75,11 +89,12 @@ def test_gathered_forward_computes_only_the_kept_weights():
     mask = space.full_mask()
     mask = Mask((torch.tensor([True, False]),) + mask.heads[1:], (torch.arange(40) < 10,) + mask.channels[1:])
     before = {name: tuple(lin.weight.shape) for name, lin in adapter.decoder_linears(model, 0).items()}
-    during, biases = {}, {}
+    during, biases, weights = {}, {}, {}
 
     def record(name):
         def hook(module, args):
             during[name], biases[name] = tuple(module.weight.shape), tuple(module.bias.shape)
+            weights[name] = module.weight.clone()
         return hook
 
     handles = [lin.register_forward_pre_hook(record(name)) for name, lin in adapter.decoder_linears(model, 0).items()]
@@ -87,11 +102,16 @@ def test_gathered_forward_computes_only_the_kept_weights():
         window_losses(model, torch.zeros(1, 4, dtype=torch.long))
     for h in handles:
         h.remove()
-    # head_dim 8, 3 query heads (one kv group of 3), 1 kv head, 10 of 40 channels; hidden 48
+    # head_dim 8, 3 query heads (one kv group of 3), 1 kv head, 10 of 40 channels padded to
+    # CHANNEL_MULTIPLE = 16 with removed channels 10-15, whose down columns are zero; hidden 48
     assert during == {"q_proj": (24, 48), "k_proj": (8, 48), "v_proj": (8, 48), "o_proj": (48, 24),
-                      "gate_proj": (10, 48), "up_proj": (10, 48), "down_proj": (48, 10)}
+                      "gate_proj": (16, 48), "up_proj": (16, 48), "down_proj": (48, 16)}
     assert biases == {"q_proj": (24,), "k_proj": (8,), "v_proj": (8,), "o_proj": (48,),
-                      "gate_proj": (10,), "up_proj": (10,), "down_proj": (48,)}
+                      "gate_proj": (16,), "up_proj": (16,), "down_proj": (48,)}
+    mlp = adapter.mlp(model, 0)
+    torch.testing.assert_close(weights["gate_proj"], mlp.gate_proj.weight[:16], rtol=0, atol=0)
+    torch.testing.assert_close(weights["down_proj"][:, :10], mlp.down_proj.weight[:, :10], rtol=0, atol=0)
+    assert not weights["down_proj"][:, 10:].any()
     assert {name: tuple(lin.weight.shape) for name, lin in adapter.decoder_linears(model, 0).items()} == before
 
 
