@@ -231,7 +231,7 @@ def render(state: dict) -> None:
                        delta=f"budget {last['target_kept_fraction']:.3f}" if last else None, delta_color="off")
         cols[2].metric("Tokens / s", f"{last['tokens_per_s']:.0f}" if last else "-")
         cols[3].metric("ETA", views.format_duration(eta) if state["live"] else "-")
-    if steps:
+    if steps or state["live"]:  # empty axes while the first step runs: the browser loads its charting code meanwhile
         cols = st.columns(2)
         with cols[0].container(key="loss_chart"):
             st.plotly_chart(loss_figure(steps), width="stretch")

@@ -27,6 +27,7 @@ ASSETS = REPO_ROOT / "assets"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
 WIDE, TALL = {"width": 1400, "height": 1000}, {"width": 1400, "height": 2600}
 LONG_MS = 900_000
+LOSS_POINT = ".st-key-loss_chart .scatterlayer path.point"  # a sample loss drawn (the axes come before it)
 PG = PGConfig()  # the form's defaults
 
 
@@ -61,22 +62,44 @@ def start_to_first_point(page, base: str, settings: dict, choices: dict) -> tupl
     page.locator(".st-key-run_progress").first.wait_for(timeout=LONG_MS)
     wait_for_step(page, 1)
     first_step = time.perf_counter() - t0
-    page.locator(".st-key-loss_chart .main-svg").first.wait_for(timeout=LONG_MS)
+    page.locator(LOSS_POINT).first.wait_for(timeout=LONG_MS)
     first_point = time.perf_counter() - t0
     return first_step, first_point, re.search(r"run=([^&]+)", page.url).group(1)
 
 
-def refresh_latency(page, repeats: int) -> list[float]:
-    """Seconds from reload to the run's progress and loss chart drawn again."""
-    out = []
+def refresh_latency(page, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds from reload to the run's status and progress shown, and to its sample losses drawn."""
+    shown, drawn = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         page.reload()
-        page.locator(".st-key-loss_chart .main-svg").first.wait_for(timeout=LONG_MS)
         page.locator(".st-key-run_progress").first.wait_for(timeout=LONG_MS)
+        shown.append(time.perf_counter() - t0)
+        page.locator(LOSS_POINT).first.wait_for(timeout=LONG_MS)
+        drawn.append(time.perf_counter() - t0)
+        wait_for_app_idle(page, timeout=LONG_MS / 1000)
+    return shown, drawn
+
+
+def bare_page(page, base: str, repeats: int) -> list[float]:
+    """Seconds from opening the Runs page (a title and a table, no chart) to its title: what any
+    Streamlit page costs on this machine, the floor under a refresh."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        page.goto(f"{base}/runs")
+        page.get_by_role("heading", name="Runs").first.wait_for(timeout=LONG_MS)
         out.append(time.perf_counter() - t0)
         wait_for_app_idle(page, timeout=LONG_MS / 1000)
     return out
+
+
+def refresh_rows(page, repeats: int, when: str) -> list[dict]:
+    shown, drawn = refresh_latency(page, repeats)
+    return [{"measurement": f"page refresh {when}: status and progress shown (median of {repeats})",
+             "seconds": statistics.median(shown), "all_s": shown},
+            {"measurement": f"page refresh {when}: sample losses drawn (median of {repeats})",
+             "seconds": statistics.median(drawn), "all_s": drawn}]
 
 
 def stop_run(page) -> None:
@@ -152,9 +175,7 @@ def main() -> None:
             first_step, first_point, run_id = start_to_first_point(page, base, settings, picks)
             rows.append({"measurement": name, "seconds": first_point, "first_step_s": first_step})
             if i == len(cases) - 1:
-                times = refresh_latency(page, args.repeats)
-                rows.append({"measurement": f"page refresh while the run goes (median of {args.repeats})",
-                             "seconds": statistics.median(times), "all_s": times})
+                rows += refresh_rows(page, args.repeats, "while the run goes")
                 if args.screenshots:
                     wait_for_step(page, args.screenshot_steps)
                     page.set_viewport_size(TALL)
@@ -162,8 +183,10 @@ def main() -> None:
                     page.screenshot(path=str(ASSETS / "studio-prune.png"))
             stop_run(page)
             if i == len(cases) - 1:  # the same page once the run has stopped: rendering alone
-                times = refresh_latency(page, args.repeats)
-                rows.append({"measurement": f"page refresh of the same run once stopped (median of {args.repeats})",
+                rows += refresh_rows(page, args.repeats, "of the same run once stopped")
+                times = bare_page(page, base, args.repeats)
+                rows.append({"measurement": f"a page without charts (Runs), to its title "
+                                            f"(median of {args.repeats})",
                              "seconds": statistics.median(times), "all_s": times})
         if args.screenshots:
             screenshots(page, base, run_id)
@@ -177,9 +200,11 @@ def main() -> None:
                            {"seconds": "{:.2f}", "first_step_s": "{:.2f}"})
           + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
             f"(defaults: K={PG.samples}, {PG.batch_size} x {PG.seqlen} tokens), after tokenising the corpus and, "
-            "for a metric initialisation, calibrating. The page polls the run every second. A refresh while a run goes "
-            "shares the 2 cores with the run's forward passes; the same refresh once it has stopped "
-            "is the rendering alone.")
+            "for a metric initialisation, calibrating; it counts once a sample loss is drawn. The Prune page shows "
+            "empty axes while the first step runs, so the browser loads its charting code (Plotly, a 4.7 MB "
+            "script) meanwhile. The page polls the run every second. A refresh while a run goes shares the 2 cores "
+            "with the run's forward passes; the same refresh once it has stopped is the rendering alone. A page "
+            "without charts is the floor: what Streamlit itself takes on this machine.")
     write_results(args.name, {"rows": rows, "cache": cache_state, "load_average": load}, md)
     watch.assert_clean()  # after the results are written: nothing off localhost, no console error
 
