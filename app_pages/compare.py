@@ -6,21 +6,21 @@ import threading
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import cached_model, choices, current_model, show_error, studio
+from app_pages.common import cached_model, choices, current_model, polled, show_error, studio
 from pruner.errors import PrunerError
-from pruner.evaluate import generate, model_card
-from pruner.probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner, dynamic_card
-from pruner.studio import private_copy
-from pruner.windows import corpus_windows
+from pruner.evaluate import generate
+from pruner.models import private_copy
+from pruner.probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner
+from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS, PROBE_CALIB_WINDOWS, WhatIf, describe_state
 
-PROBE_CALIB_WINDOWS = 32  # the Probe page's default: a history calibrated in seconds
 ROWS = {"parameters": "parameters", "perplexity": "perplexity", "prefill_s": "prefill latency (ms, 1x128)",
         "decode_tokens_per_s": "decode tokens/s"}
 
 st.title("Compare")
 st.caption("The dense model next to a pruned one and, if you like, the dense model under Probe Pruning (each batch "
            "pruned on the fly), on the same prompt (greedy decoding), then their size, validation perplexity "
-           "(16 windows of 128 tokens) and speed on this machine.")
+           f"({EVAL_WINDOWS} windows of {EVAL_SEQLEN} tokens) and speed on this machine, measured one at a time "
+           "in the background (after any run that is going).")
 c = choices()
 dense = current_model()
 
@@ -57,16 +57,6 @@ def plain(loaded):
     return lambda text, n, streamer: generate(loaded.model, loaded.tokenizer, text, n, streamer)
 
 
-def validation(loaded, data: str):
-    return corpus_windows(loaded.tokenizer, data, "validation", 128, 16)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def measure(spec: str, device: str, dtype: str, data: str) -> dict:
-    loaded = cached_model(spec, device, dtype)
-    return model_card(loaded.model, validation(loaded, data))
-
-
 @st.cache_resource(show_spinner="Calibrating Probe Pruning's history...", max_entries=2)
 def probe_pruner(spec: str, device: str, dtype: str, data: str, ratio: float):
     """A Probe Pruner on a private copy of the dense model (it hooks and slices its own modules),
@@ -76,56 +66,78 @@ def probe_pruner(spec: str, device: str, dtype: str, data: str, ratio: float):
     return loaded, build_pruner(loaded, config, GENERATION_HISTORY_SEQLEN), threading.Lock()
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def measure_probe(spec: str, device: str, dtype: str, data: str, ratio: float) -> dict:
-    loaded, pruner, lock = probe_pruner(spec, device, dtype, data, ratio)
-    with lock:
-        return dynamic_card(loaded, pruner, validation(loaded, data))
+def measured(requests: dict) -> None:
+    """The model cards of `requests` ({column: WhatIf}) from the What-if queue (one heavy computation at
+    a time: nothing is timed while a run goes), polled until all are in, as one table."""
+    queue = studio().whatif
+    wanted = list(requests.values())
+
+    def show() -> None:
+        cards = {name: queue.result(request) for name, request in requests.items()}
+        if any(card is None for card in cards.values()):
+            st.info(f"Measuring size, perplexity and speed: {describe_state(queue.state())}",
+                    icon=":material/hourglass_top:")
+            return
+        for card in cards.values():
+            if "error" in card:
+                st.error(card["error"])
+                return
+        table = pd.DataFrame(cards).rename(index=ROWS)
+        table.loc[ROWS["prefill_s"]] *= 1000
+        for name in list(cards)[1:]:
+            table[f"{name} / dense"] = table[name] / table["dense"]
+        with st.container(key="compare_table"):
+            styled = (table.style.format("{:,.2f}")
+                      .format("{:,.0f}", subset=pd.IndexSlice[["parameters"], list(cards)])
+                      .format("{:.3f}", subset=[f"{name} / dense" for name in list(cards)[1:]]))
+            st.dataframe(styled, width="stretch")
+        st.caption(f"Measured on {dense.device} ({c['dtype']}); latency is the median of 5 forwards, "
+                   "decode speed excludes the prefill. Numbers on a shared machine are noisy: compare ratios. "
+                   + (f"Probe Pruning's parameters are those a batch ran with (the mean over the {EVAL_WINDOWS} "
+                      "windows in batches of 8); its latency includes the probe, its decoding runs on the "
+                      "structure the prompt's probe chose." if "probe" in cards else ""))
+
+    queue.submit(wanted, dense)
+    polled(queue, wanted, dense, show, wanted)
 
 
+def outputs_view(outputs: list[tuple[str, str, str]]) -> None:
+    """The generations of the last comparison, as they were streamed."""
+    for column, (name, title, text) in zip(st.columns(len(outputs)), outputs):
+        with column:
+            st.subheader(title)
+            with st.container(key=f"{name}_output", border=True):
+                st.markdown(text)
+
+
+session = (c["model_spec"], c["device"], c["dtype"], c["data"])
 if go:
     shown = {f"Dense · {c['model_spec']}": ("dense", dense, plain(dense))}
+    requests = {"dense": WhatIf.dense(*session, card=True)}
     try:
         if path:
             pruned = cached_model(path, c["device"], c["dtype"])
             shown["Pruned"] = ("pruned", pruned, plain(pruned))
+            requests["pruned"] = WhatIf.saved(path, c["device"], c["dtype"], c["data"], card=True)
         if with_probe:
-            key = (c["model_spec"], c["device"], c["dtype"], c["data"], probe_ratio)
-            loaded, pruner, lock = probe_pruner(*key)
+            loaded, pruner, lock = probe_pruner(*session, probe_ratio)
 
             def probed(text, n, streamer):
                 with lock:
                     pruner.generate(loaded.tokenizer, text, n, streamer)
             shown[f"Probe Pruning · ratio {probe_ratio:.2f}"] = ("probe", loaded, probed)
+            requests["probe"] = WhatIf.probe(*session, probe_ratio)
     except PrunerError as exc:
         show_error(exc)
         st.stop()
+    outputs = []
     for column, (title, (name, loaded, produce)) in zip(st.columns(len(shown)), shown.items()):
         with column:
             st.subheader(title)
             with st.container(key=f"{name}_output", border=True):
-                st.write_stream(stream(produce, loaded.tokenizer, prompt, max_new))
-    with st.spinner("Measuring size, perplexity and speed..."):
-        try:
-            cards = {"dense": measure(c["model_spec"], c["device"], c["dtype"], c["data"])}
-            if path:
-                cards["pruned"] = measure(path, c["device"], c["dtype"], c["data"])
-            if with_probe:
-                cards["probe"] = measure_probe(*key)
-        except PrunerError as exc:
-            show_error(exc)
-            st.stop()
-    table = pd.DataFrame(cards).rename(index=ROWS)
-    table.loc[ROWS["prefill_s"]] *= 1000
-    for name in list(cards)[1:]:
-        table[f"{name} / dense"] = table[name] / table["dense"]
-    with st.container(key="compare_table"):
-        styled = (table.style.format("{:,.2f}")
-                  .format("{:,.0f}", subset=pd.IndexSlice[["parameters"], list(cards)])
-                  .format("{:.3f}", subset=[f"{name} / dense" for name in list(cards)[1:]]))
-        st.dataframe(styled, width="stretch")
-    st.caption(f"Measured now on {dense.device} ({c['dtype']}); latency is the median of 5 forwards, "
-               "decode speed excludes the prefill. Numbers on a shared machine are noisy: compare ratios. "
-               + ("Probe Pruning's parameters are those a batch ran with (the mean over the 16 windows in batches "
-                  "of 8); its latency includes the probe, its decoding runs on the structure the prompt's probe "
-                  "chose." if with_probe else ""))
+                outputs.append((name, title, st.write_stream(stream(produce, loaded.tokenizer, prompt, max_new))))
+    st.session_state["compare"] = {"session": session, "outputs": outputs, "requests": requests}
+elif st.session_state.get("compare", {}).get("session") == session:  # a rerun: the last comparison
+    outputs_view(st.session_state["compare"]["outputs"])
+if st.session_state.get("compare", {}).get("session") == session:
+    measured(st.session_state["compare"]["requests"])

@@ -7,6 +7,8 @@ when every layer has one shape the directory also loads with `AutoModelForCausal
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import disk_cache
 from .adapters import Adapter, adapter_for
 from .dispatch import empty_weights
 from .errors import PrunerError
@@ -39,6 +42,18 @@ class LoadedModel:
     spec: str
     device: torch.device
     dtype: torch.dtype
+
+
+def private_copy(loaded: LoadedModel) -> LoadedModel:
+    """The same model as new module objects over the same weight tensors: hooks, swapped-in
+    gathered weights and anything else a job sets on its modules never reach the shared model,
+    and nothing is copied (a job never writes into weights; slicing works on a deep copy)."""
+    model = loaded.model
+    disk_cache.model_fingerprint(model)  # once per shared model; its copies inherit it
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, shared)
+    disk_cache.share_fingerprint(clone, model)
+    return dataclasses.replace(loaded, model=clone)
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -22,7 +22,6 @@ model copy when it ends.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import shutil
@@ -32,13 +31,12 @@ import traceback
 import uuid
 from pathlib import Path
 
-from . import disk_cache
 from .config import PruneConfig
 from .errors import PrunerError
 from .fileio import inside
 from .methods import check_config, get_method
 from .methods.pg import build_run, selection_of, settings_of
-from .models import REPORT_FILE, LoadedModel, save_pruned
+from .models import REPORT_FILE, LoadedModel, private_copy, save_pruned
 from .paths import runs_dir
 from .pg.checkpoint import has_checkpoint, load_checkpoint, read_settings
 from .pg.history import RunHistory
@@ -56,18 +54,6 @@ SLOT_POLL_S = 0.5  # how often waiting What-if work looks whether the run has en
 def new_run_id(config: PruneConfig) -> str:
     """Sortable and readable: 20261122-014501-pg-r30-1a2b."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-r{round(config.ratio * 100):02d}-{uuid.uuid4().hex[:4]}"
-
-
-def private_copy(loaded: LoadedModel) -> LoadedModel:
-    """The same model as new module objects over the same weight tensors: hooks, swapped-in
-    gathered weights and anything else a run sets on its modules never reach the shared model,
-    and nothing is copied (a run never writes into weights; slicing works on a deep copy)."""
-    model = loaded.model
-    disk_cache.model_fingerprint(model)  # once per shared model; its copies inherit it
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    clone = copy.deepcopy(model, shared)
-    disk_cache.share_fingerprint(clone, model)
-    return dataclasses.replace(loaded, model=clone)
 
 
 class _Stopped(Exception):

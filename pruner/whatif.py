@@ -1,4 +1,5 @@
-"""What-if work of the studio: quick prunings measured on validation windows, one at a time.
+"""What-if work of the studio: quick prunings measured on validation windows, and the model cards
+of the Compare page, one at a time.
 
 A page says what it wants to show as a wish list of `WhatIf` requests, most wanted first
 (`WhatIfQueue.submit`). One worker thread computes the first request whose result is not known yet,
@@ -34,12 +35,14 @@ from pathlib import Path
 
 from .config import PruneConfig
 from .errors import PrunerError
-from .evaluate import perplexity
-from .models import REPORT_FILE, LoadedModel, load_model
+from .evaluate import model_card, perplexity
+from .models import REPORT_FILE, LoadedModel, load_model, private_copy
+from .probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner, dynamic_card
 from .prune import prune
 from .windows import corpus_windows
 
 EVAL_SEQLEN, EVAL_WINDOWS, CALIB_WINDOWS = 128, 16, 32  # the windows a PG run evaluates on by default
+PROBE_CALIB_WINDOWS = 32  # Probe Pruning's history for Compare: calibrated in seconds
 RESULTS_KEPT = 256  # results in the LRU: each a few kB (perplexity and a per-layer table)
 WINDOWS_KEPT = 4  # (model, corpus) pairs whose evaluation windows are kept
 
@@ -51,9 +54,12 @@ class WhatIf:
     kind "prune": perplexity and report of pruning the model with `method` at `ratio`;
     kind "dense": perplexity of the model itself; kind "saved": perplexity of a run's saved model
     at `path` (its report's modification time `stamp` is part of the key: a rewritten model is
-    measured again). `model`, `device`, `dtype` name the loaded model the way the studio's model
-    cache does; every perplexity is on the first EVAL_WINDOWS windows of EVAL_SEQLEN tokens of the
-    corpus `data`'s validation split."""
+    measured again); with `card`, either gives `evaluate.model_card` (parameters, perplexity,
+    prefill latency, decoding speed) instead; kind "probe": the model card of the model under
+    Probe Pruning at `ratio` (`probe.dynamic_card`, history from PROBE_CALIB_WINDOWS train windows).
+    `model`, `device`, `dtype` name the loaded model the way the studio's model cache does; every
+    perplexity is on the first EVAL_WINDOWS windows of EVAL_SEQLEN tokens of the corpus `data`'s
+    validation split."""
 
     kind: str
     model: str
@@ -65,6 +71,7 @@ class WhatIf:
     granularity: str = ""
     stamp: float = 0.0
     reconstruct: str = "none"  # a pruning's `PruneConfig.reconstruct`
+    card: bool = False  # dense / saved: the model card instead of the perplexity alone
 
     @classmethod
     def pruning(cls, model: str, device: str, dtype: str, data: str, method: str, ratio: float,
@@ -73,21 +80,29 @@ class WhatIf:
                    reconstruct=reconstruct)
 
     @classmethod
-    def dense(cls, model: str, device: str, dtype: str, data: str) -> "WhatIf":
-        return cls("dense", model, device, dtype, data)
+    def dense(cls, model: str, device: str, dtype: str, data: str, card: bool = False) -> "WhatIf":
+        return cls("dense", model, device, dtype, data, card=card)
 
     @classmethod
-    def saved(cls, path: str, device: str, dtype: str, data: str) -> "WhatIf":
+    def saved(cls, path: str, device: str, dtype: str, data: str, card: bool = False) -> "WhatIf":
         report = Path(path) / REPORT_FILE
-        return cls("saved", str(path), device, dtype, data, stamp=report.stat().st_mtime if report.is_file() else 0.0)
+        return cls("saved", str(path), device, dtype, data, stamp=report.stat().st_mtime if report.is_file() else 0.0,
+                   card=card)
+
+    @classmethod
+    def probe(cls, model: str, device: str, dtype: str, data: str, ratio: float) -> "WhatIf":
+        return cls("probe", model, device, dtype, data, ratio=round(float(ratio), 6), card=True)
 
     def describe(self) -> str:
         if self.kind == "prune":
             return (f"{self.method} at ratio {self.ratio:.2f} ({self.granularity})"
                     + (f" + {self.reconstruct} reconstruction" if self.reconstruct != "none" else ""))
+        if self.kind == "probe":
+            return f"Probe Pruning at ratio {self.ratio:.2f}: size, perplexity and speed"
+        what = "size, perplexity and speed" if self.card else "perplexity"
         if self.kind == "dense":
-            return "the dense model's perplexity"
-        return f"the saved model {Path(self.model).parent.name or self.model}"
+            return f"the dense model's {what}"
+        return f"the {what} of the saved model {Path(self.model).parent.name or self.model}"
 
     def config(self) -> PruneConfig:
         return PruneConfig(method=self.method, ratio=self.ratio, granularity=self.granularity, data=self.data,
@@ -96,12 +111,19 @@ class WhatIf:
 
 def measure(request: WhatIf, loaded: LoadedModel | None, windows: Callable[[LoadedModel], object]) -> dict:
     """The result of one request, a small dict: {"ppl"} and for a pruning also "achieved_ratio",
-    "per_layer", "wall_time_s" and "layer_errors" (a reconstruction's per-layer records, else []). The pruned (or loaded saved) model is dropped on return."""
-    if request.kind == "dense":
+    "per_layer", "wall_time_s" and "layer_errors" (a reconstruction's per-layer records, else []);
+    a card request's `evaluate.model_card`. The pruned (or loaded saved, or probe-hooked) model is
+    dropped on return."""
+    if request.kind in ("dense", "saved"):
+        if request.kind == "saved":
+            loaded = load_model(request.model, device=request.device, dtype=request.dtype)
+        if request.card:
+            return model_card(loaded.model, windows(loaded))
         return {"ppl": perplexity(loaded.model, windows(loaded))["ppl"]}
-    if request.kind == "saved":
-        saved = load_model(request.model, device=request.device, dtype=request.dtype)
-        return {"ppl": perplexity(saved.model, windows(saved))["ppl"]}
+    if request.kind == "probe":  # on a private copy: the pruner hooks and slices its modules
+        hooked = private_copy(loaded)
+        config = ProbeConfig(ratio=request.ratio, data=request.data, calib_windows=PROBE_CALIB_WINDOWS)
+        return dynamic_card(hooked, build_pruner(hooked, config, GENERATION_HISTORY_SEQLEN), windows(loaded))
     if request.kind != "prune":
         raise PrunerError(f"unknown What-if request kind {request.kind!r}")
     pruned, _, report = prune(loaded, request.config())

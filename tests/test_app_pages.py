@@ -129,26 +129,37 @@ def test_prune_page_shows_an_unknown_run_clearly():
 
 
 def test_compare_page_generates_with_both_models_and_probe_pruning():
+    import app_pages.common as common
+
     at = page("app_pages/prune.py")
     start_run(at, "magnitude")
     wait_for_status(at, ("finished",))
+    queue = common.studio().whatif
+    assert queue.wait_idle(TIMEOUT)  # the Prune page's perplexity of the finished run
+    before = queue.computed
     cmp = page("app_pages/compare.py")
     assert "-magnitude-r30-" in by_label(cmp.selectbox, "Pruned model").value
     by_label(cmp.slider, "New tokens").set_value(8)
     by_label(cmp.button, "Generate").click().run()
     assert not cmp.exception, cmp.exception
+    generated = [c for c in cmp.markdown if c.value.strip()]  # the two streamed generations stay on reruns
+    run_until(cmp, lambda at: len(at.dataframe) == 1)  # the cards come from the What-if queue
+    assert [m.value for m in cmp.markdown if m.value.strip()][-2:] == [m.value for m in generated][-2:]
     table = cmp.dataframe[0].value
     assert table.loc["parameters", "pruned / dense"] < 0.9
     assert list(table.columns) == ["dense", "pruned", "pruned / dense"]
+    assert queue.computed - before == 2  # the dense and the pruned card, in the queue's worker
 
     by_label(cmp.toggle, "Probe Pruning too").set_value(True).run()
     by_label(cmp.slider, "Probe Pruning ratio").set_value(0.4)
     by_label(cmp.button, "Generate").click().run()
     assert not cmp.exception, cmp.exception
+    run_until(cmp, lambda at: len(at.dataframe) == 1 and at.dataframe[0].value.shape[1] == 5)
     table = cmp.dataframe[0].value
     assert list(table.columns) == ["dense", "pruned", "probe", "pruned / dense", "probe / dense"]
     assert 0.6 < table.loc["parameters", "probe / dense"] < 0.95  # 40% of the heads and channels of layers 3+
     assert table.loc["perplexity", "probe"] > table.loc["perplexity", "dense"]
+    assert queue.computed - before == 3  # the two known cards were not measured again
 
 
 def run_until(at: AppTest, done, timeout: float = TIMEOUT) -> AppTest:

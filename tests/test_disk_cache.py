@@ -15,7 +15,7 @@ from pruner.evaluate import window_losses
 from pruner.gathered import gathered
 from pruner.models import LoadedModel
 from pruner.space import PruningSpace
-from pruner.studio import private_copy
+from pruner.models import private_copy
 
 WORDS = "the jury said county report vote budget was good late high small of that a court mayor".split()
 

@@ -171,5 +171,33 @@ def test_the_queue_measures_what_prune_and_perplexity_give(embedded):
     assert "unknown granularity 'row'" in wait_for(queue, [bad], embedded)[0]["error"]
 
 
+def test_the_queue_measures_compare_cards_as_the_library_does(embedded, monkeypatch):
+    """Compare's cards (2 evaluation windows): the dense card's parameters and perplexity are the
+    model's; the Probe Pruning card is `dynamic_card` on a private copy (the shared model never hooked)
+    with the history Compare's generation uses; timings are positive numbers."""
+    from pruner.evaluate import total_params
+    from pruner.models import private_copy
+    from pruner.probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner, dynamic_card
+
+    monkeypatch.setattr("pruner.whatif.PROBE_CALIB_WINDOWS", 4)  # a quick history
+    torch.set_num_threads(1)
+    queue = WhatIfQueue(eval_count=2)
+    dense, probe = WhatIf.dense("embedded", "cpu", "fp32", "brown", card=True), WhatIf.probe("embedded", "cpu", "fp32", "brown", 0.4)
+    assert dense != WhatIf.dense("embedded", "cpu", "fp32", "brown")  # a card is not the perplexity alone
+    got_dense, got_probe = wait_for(queue, [dense, probe], embedded)
+    windows = corpus_windows(embedded.tokenizer, "brown", "validation", 128, 2)
+    assert got_dense["parameters"] == total_params(embedded.model)
+    assert got_dense["perplexity"] == perplexity(embedded.model, windows)["ppl"]
+    copy = private_copy(embedded)
+    config = ProbeConfig(ratio=0.4, data="brown", calib_windows=4)
+    want = dynamic_card(copy, build_pruner(copy, config, GENERATION_HISTORY_SEQLEN), windows)
+    assert got_probe["parameters"] == want["parameters"] < 0.95 * got_dense["parameters"]
+    assert got_probe["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    assert set(got_probe) == set(got_dense) == {"parameters", "perplexity", "prefill_s", "decode_tokens_per_s"}
+    assert all(card[key] > 0 for card in (got_dense, got_probe) for key in ("prefill_s", "decode_tokens_per_s"))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in embedded.model.modules())
+    assert "Probe Pruning at ratio 0.40" in probe.describe() and "size, perplexity" in dense.describe()
+
+
 def test_memory_goes_back_to_the_system_after_each_computation():
     assert MALLOC_TRIM is not None  # glibc: freed arenas are returned with malloc_trim
