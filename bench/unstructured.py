@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--structured", nargs="*", default=["magnitude", "wanda-sp", "flap"], choices=list(STRUCTURED))
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--reconstruct", nargs="*", default=list(RECONSTRUCT), choices=list(RECONSTRUCT))
+    ap.add_argument("--refit-damps", type=float, nargs="+", default=None,
+                    help="each reconstruction at each of these dampings (PruneConfig.refit_damp; default: each "
+                         "refit's own)")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--split", default="test", choices=["validation", "test"],
                     help="where perplexity is measured: validation to make a choice (calibration size, damping), "
@@ -136,13 +139,16 @@ def main() -> None:
             start = time.perf_counter()
             space, selection = select(loaded, config)
             select_seconds = time.perf_counter() - start
-            for how in args.reconstruct:
-                applied_config = dataclasses.replace(config, reconstruct=how)
+            refits = [(how, damp) for how in args.reconstruct
+                      for damp in ((args.refit_damps or [None]) if how != "none" else [None])]
+            for how, damp in refits:
+                applied_config = dataclasses.replace(config, reconstruct=how, refit_damp=damp)
                 start = time.perf_counter()
                 pruned, applied = apply(loaded, applied_config, space, selection)
                 seconds = select_seconds + time.perf_counter() - start
                 result = report(loaded, applied_config, space, applied, pruned, seconds)
-                record({"family": "structured", "method": method, "setting": f"{ratio:g}", "reconstruct": how,
+                label = how if damp is None else f"{how} (damp {damp:g})"
+                record({"family": "structured", "method": method, "setting": f"{ratio:g}", "reconstruct": label,
                         "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
                         **evaluate(pruned, loaded.tokenizer, args.data, args.split, args.seqlens, args.max_windows)}, result)
                 del pruned

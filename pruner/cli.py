@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ADMM_MASKS, RECONSTRUCT, WANDA_SP_STATS
+from .config import ADMM_MASKS, RECONSTRUCT, REFIT_DAMP, WANDA_SP_STATS
 from .dispatch import DEVICE_MAPS
 from .errors import PrunerError
 from .space import GRANULARITIES
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structured methods: refit the kept columns of o_proj and down_proj and their bias "
                         "on sequential calibration inputs after the mask is chosen (ls: least squares, "
                         "admm: the ADMM fixed-mask update; default none)")
+    p.add_argument("--refit-damp", type=float, default=None,
+                   help="--reconstruct: the refit's damping, a fraction of the mean input variance (a ridge "
+                        "towards the original weights; default: "
+                        + ", ".join(f"{how} {damp:g}" for how, damp in REFIT_DAMP.items()) + ")")
     _pg_args(p.add_argument_group("policy gradient (--method pg)"))
 
     p = sub.add_parser("generate", help="greedy generation from a prompt")
@@ -271,7 +275,8 @@ def prune_config_from_args(args, write: bool = True):
     elif args.run_dir:
         raise PrunerError(f"--run-dir holds a search's checkpoints: it applies only to --method pg, not {args.method}")
     chosen = {k: v for k, v in (("admm_mask", args.admm_mask), ("admm_iterations", args.admm_iterations),
-                                ("wanda_sp_stats", args.wanda_sp_stats)) if v is not None}
+                                ("wanda_sp_stats", args.wanda_sp_stats), ("refit_damp", args.refit_damp))
+              if v is not None}
     return check_config(PruneConfig(method=args.method, ratio=ratio, granularity=args.granularity or "auto",
                                     data=args.data, seed=args.seed, calib_windows=args.calib_windows, pg=pg,
                                     run_dir=run_dir, sparsity_type=sparsity_type, reconstruct=args.reconstruct,
@@ -290,6 +295,8 @@ def _check_flags(args, method) -> None:
         raise PrunerError(f"--wanda-sp-stats is a setting of --method wanda-sp, not of {method.name}")
     if args.admm_mask is not None and method.name != "admm":
         raise PrunerError(f"--admm-mask is a setting of --method admm, not of {method.name}")
+    if args.refit_damp is not None and args.reconstruct == "none":
+        raise PrunerError("--refit-damp is a setting of --reconstruct ls or admm")
     if args.admm_iterations is not None and method.name != "admm" and args.reconstruct != "admm":
         raise PrunerError("--admm-iterations is a setting of --method admm and of --reconstruct admm")
 

@@ -15,6 +15,7 @@ from .space import check_granularity, check_ratio
 from .sparsity_masks import parse_sparsity_type, resolve_sparsity
 
 RECONSTRUCT = ("none", "ls", "admm")
+REFIT_DAMP = {"ls": 0.01, "admm": 0.1}  # each refit's default damping (PruneConfig.refit_damp)
 ADMM_MASKS = ("gradual", "reselect")
 WANDA_SP_STATS = ("dense", "sequential")
 
@@ -32,6 +33,9 @@ class PruneConfig:
     admm_mask: the ADMM method's mask schedule, "gradual" (the paper's cubic ramp) or "reselect"
         (the released code: the full-sparsity mask re-chosen during the first iterations).
     admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)).
+    refit_damp: the damping of a `reconstruct` refit, a fraction of the mean input variance added to
+        each kept input's (a ridge towards the original weights); None: each refit's own default
+        (REFIT_DAMP).
     wanda_sp_stats: Wanda-sp's input norms, "dense" (from the dense model, reused at every ratio) or
         "sequential" (the reference's order: each layer's on the outputs of the pruned layers before it).
     """
@@ -50,6 +54,7 @@ class PruneConfig:
     admm_mask: str = "gradual"
     admm_iterations: int = 20
     wanda_sp_stats: str = "dense"
+    refit_damp: float | None = None
 
     def validate(self) -> "PruneConfig":
         check_ratio(self.ratio)
@@ -71,6 +76,8 @@ class PruneConfig:
         if self.wanda_sp_stats not in WANDA_SP_STATS:
             raise PrunerError(f"unknown Wanda-sp statistics {self.wanda_sp_stats!r}: choose one of "
                               f"{', '.join(WANDA_SP_STATS)}")
+        if self.refit_damp is not None and not 0 <= self.refit_damp <= 100:
+            raise PrunerError(f"the refit's damping must lie in [0, 100], got {self.refit_damp}")
         if not 1 <= self.admm_iterations <= 10_000:
             raise PrunerError(f"ADMM iterations must lie in [1, 10000], got {self.admm_iterations}")
         return self

@@ -97,7 +97,8 @@ def _reconstructed(loaded, config: PruneConfig, space: PruningSpace, selection: 
                                   config.calib_seqlen, config.seed)
     model = copy.deepcopy(loaded.model)
     records = refit_structured(model, loaded.adapter, space, selection.mask, windows, config.reconstruct,
-                               selection.compensate, config.admm_iterations, on_layer=on_layer)
+                               selection.compensate, config.admm_iterations, damp=config.refit_damp,
+                               on_layer=on_layer)
     slice_model(model, loaded.adapter, space, selection.mask)
     update = {"reconstruct": config.reconstruct, "per_layer": records, "time_s": time.perf_counter() - start}
     return model, dataclasses.replace(selection, extra={**selection.extra, "weight_update": update})

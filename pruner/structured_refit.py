@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .config import REFIT_DAMP
 from .errors import PrunerError
 from .reconstruction import admm_refit_columns, refit_kept_columns, relative_error_to_target
 from .scores import flap_bias
@@ -48,16 +49,16 @@ REFITS = ("ls", "admm")
 
 @torch.no_grad()
 def refit_linear(linear: nn.Linear, inputs: InputGram, kept: Tensor, how: str, compensate: bool,
-                 admm_iterations: int = 20) -> tuple[Tensor, Tensor, dict]:
+                 admm_iterations: int = 20, damp: float | None = None) -> tuple[Tensor, Tensor, dict]:
     """The refitted weight (dense shape, removed columns zero) and bias delta of one output linear
     towards the dense model's outputs X_d W^T (`inputs` from a walk with the dense reference), with
-    its relative output error before and after."""
+    its relative output error before and after. damp: the ridge's weight (None: REFIT_DAMP[how])."""
     if inputs.cross is None:
         raise PrunerError("a structured refit needs the dense model's inputs (SequentialInputs(dense_reference=True))")
     w = linear.weight.detach()  # (d_out, d_in)
     kept = kept.to(w.device)
     args = (w, inputs.gram, inputs.total, inputs.count, kept)
-    target = {"cross": inputs.cross, "target_sum": inputs.dense_total}
+    target = {"cross": inputs.cross, "target_sum": inputs.dense_total, "damp": REFIT_DAMP[how] if damp is None else damp}
     w_kept, delta = (refit_kept_columns(*args, **target) if how == "ls"
                      else admm_refit_columns(*args, iterations=admm_iterations, **target))
     new = torch.zeros_like(w)
@@ -72,7 +73,7 @@ def refit_linear(linear: nn.Linear, inputs: InputGram, kept: Tensor, how: str, c
 
 def refit_structured(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask, windows: Tensor,
                      how: str, compensate: bool = False, admm_iterations: int = 20, batch_size: int = 8,
-                     on_layer: Callable[[dict], None] | None = None) -> list[dict]:
+                     damp: float | None = None, on_layer: Callable[[dict], None] | None = None) -> list[dict]:
     """Refit o_proj and down_proj of every layer of `model` (in place, dense shapes; `model` must
     arrive dense, its layers are the dense reference as the walk reaches them) for `mask`;
     returns one record per layer: {"layer", "errors": {linear: {"before", "after"}}, "time_s"}."""
@@ -86,7 +87,7 @@ def refit_structured(model: nn.Module, adapter: Adapter, space: PruningSpace, ma
             if linear is None or bool(kept.all()):
                 continue  # a removed sublayer, or nothing removed: nothing to refit
             inputs = walk.collect([which])[which]
-            new, delta, errors[which] = refit_linear(linear, inputs, kept, how, compensate, admm_iterations)
+            new, delta, errors[which] = refit_linear(linear, inputs, kept, how, compensate, admm_iterations, damp)
             with torch.no_grad():
                 linear.weight.copy_(new)
             adapter.add_output_bias(model, l, which, delta)

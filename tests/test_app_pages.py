@@ -248,14 +248,22 @@ def test_prune_page_sparse_run_shows_layers_errors_and_perplexity():
 
 
 def test_prune_page_reconstruction_lowers_the_layer_errors():
+    import app_pages.common as common
+    from pruner.config import REFIT_DAMP
+    from pruner.run_record import read_record
+
     at = page("app_pages/prune.py")
+    assert "Refit damping" not in [n.label for n in at.number_input]  # only with a reconstruction
     by_label(at.selectbox, "Method").set_value("magnitude").run()
     by_label(at.selectbox, "Reconstruct").set_value("ls").run()
-    start_run(at, "magnitude", **{"Calibration windows": 2})
+    assert by_label(at.number_input, "Refit damping").value == REFIT_DAMP["ls"]
+    start_run(at, "magnitude", **{"Calibration windows": 2, "Refit damping": 0.5})
     assert wait_for_status(at, ("finished", "failed")) == "finished"
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["Mean error after"]) < float(metrics["Mean error before"])
     assert metrics["Layers done"] == "30"
+    run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
+    assert read_record(common.studio().folder(run_id))["settings"]["refit_damp"] == 0.5
 
 
 def test_whatif_page_reconstructs():

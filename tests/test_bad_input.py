@@ -300,6 +300,8 @@ CASES = [
     case("run-dir below a file", PG + " --run-dir {tmp}/file.txt/run", "is a file", a_file("file.txt")),
     case("run-dir without pg", PRUNE + " --ratio 0.3 --run-dir {tmp}/run", "--method pg"),
     case("wanda-sp statistics for another method", PRUNE + " --ratio 0.3 --wanda-sp-stats sequential", "--method wanda-sp"),
+    case("refit damping without a refit", PRUNE + " --ratio 0.3 --refit-damp 0.1", "--reconstruct ls or admm"),
+    case("negative refit damping", PRUNE + " --ratio 0.3 --reconstruct ls --refit-damp -1", "damping must lie"),
     # -- pruning settings ---------------------------------------------------------------------------
     case("ratio missing", PRUNE, "--ratio is required"),
     case("ratio 0", PRUNE + " --ratio 0", "between 0 and 1"),

@@ -10,7 +10,7 @@ from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
 from pruner.adapters import adapter_for
-from pruner.config import PruneConfig
+from pruner.config import REFIT_DAMP, PruneConfig
 from pruner.errors import PrunerError
 from pruner.masking import masked
 from pruner.methods import METHODS, check_config
@@ -152,13 +152,15 @@ def unsliced(dense, pruned, adapter, space, mask):
     return model
 
 
-@pytest.mark.parametrize("how", ["ls", "admm"])
+@pytest.mark.parametrize("how, damp", [("ls", None), ("admm", None), ("ls", 0.5)])
 @pytest.mark.parametrize("arch, granularity", [("llama", "kv_group"), ("qwen2", "query_head"), ("gemma3", "kv_group")])
-def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weights(tokenizer, how, arch, granularity):
+def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weights(tokenizer, how, damp, arch,
+                                                                                   granularity):
     """masked == sliced after the refit, and every layer's refit is the one its sequential inputs
     give: the o_proj and down_proj inputs of the result X (a direct full forward) and of the dense
     model X_d (another one), refitted from the dense weights towards the dense outputs X_d W^T
-    (cross term X^T X_d), reproduce the saved weights and biases."""
+    (cross term X^T X_d) with the configured damping (REFIT_DAMP by default), reproduce the saved
+    weights and biases."""
     from test_sequential import direct_inputs
     from test_space_masking_slicing import random_mask
 
@@ -170,7 +172,8 @@ def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weight
     adapter = loaded.adapter
     space = PruningSpace.from_model(loaded.model, adapter, granularity)
     mask = random_mask(space, seed=2)  # layer 0 loses its attention, the last layer its MLP
-    config = PruneConfig(method="magnitude", ratio=0.3, granularity=granularity, reconstruct=how, **CALIB)
+    config = PruneConfig(method="magnitude", ratio=0.3, granularity=granularity, reconstruct=how, refit_damp=damp,
+                         **CALIB)
     pruned, applied = apply(loaded, config, space, Selection(mask, compensate=True))
     full = unsliced(loaded.model, pruned, adapter, space, mask)
     x = ids(loaded.model)
@@ -189,7 +192,7 @@ def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weight
             x, x_dense = inputs[which], dense_inputs[which]
             gram, total, count = x.T @ x, x.sum(0), x.shape[0]
             w_kept, delta = refit(dense.weight, gram, total, count, kept, cross=x.T @ x_dense,
-                                  target_sum=x_dense.sum(0))
+                                  target_sum=x_dense.sum(0), damp=REFIT_DAMP[how] if damp is None else damp)
             got = adapter.output_linear(full, l, which)
             old_bias = dense.bias if dense.bias is not None else torch.zeros_like(delta)
             expected = torch.zeros_like(dense.weight)
@@ -229,6 +232,7 @@ def test_reconstruction_lowers_the_output_error_through_prune(tokenizer):
     (dict(method="flap", ratio=0.5, reconstruct="exact"), "unknown reconstruction"),
     (dict(method="admm", ratio=0.5, admm_mask="ramp"), "schedule"),
     (dict(method="admm", ratio=0.5, admm_iterations=0), "iterations"),
+    (dict(method="flap", ratio=0.5, reconstruct="ls", refit_damp=-0.1), "damping"),
 ])
 def test_wrong_combinations_are_refused(settings, message):
     with pytest.raises(PrunerError, match=message):
