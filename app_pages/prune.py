@@ -6,7 +6,7 @@ from app_pages.common import (POLL_SECONDS, budget_figure, cached_model, choices
                               current_model, heatmap_figure, layer_errors_figure, layers_figure, load_for_run,
                               loss_figure, polled, ppl_figure, report_json, show_error, studio, variance_figure)
 from pruner import views
-from pruner.config import ADMM_MASKS, RECONSTRUCT, REFIT_DAMP, WANDA_SP_STATS, PruneConfig
+from pruner.config import ADMM_MASKS, RECONSTRUCT, WANDA_SP_STATS, PruneConfig
 from pruner.errors import PrunerError
 from pruner.methods import METHODS
 from pruner.pg.config import PGConfig, pg_fields
@@ -117,8 +117,7 @@ with st.container(border=True):
             "ADMM iterations", 1, 10_000, int(shown.admm_iterations), key=f"admm_iterations{suffix}"))
     if reconstruct != "none":
         method_settings["refit_damp"] = float(cols[3].number_input(
-            "Refit damping", 0.0, 100.0, float(REFIT_DAMP[reconstruct] if shown.refit_damp is None else shown.refit_damp),
-            format="%.4g", key=f"refit_damp_{reconstruct}{suffix}",
+            "Refit damping", 0.0, 100.0, float(shown.refit_damp), format="%.4g", key=f"refit_damp{suffix}",
             help="A ridge towards the original weights, as a fraction of the mean input variance: small fits "
                  "the calibration windows closely (and may overfit a few of them), large stays near the "
                  "method's own weights and bias"))

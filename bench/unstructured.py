@@ -91,8 +91,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--reconstruct", nargs="*", default=list(RECONSTRUCT), choices=list(RECONSTRUCT))
     ap.add_argument("--refit-damps", type=float, nargs="+", default=None,
-                    help="each reconstruction at each of these dampings (PruneConfig.refit_damp; default: each "
-                         "refit's own)")
+                    help="each reconstruction at each of these dampings (PruneConfig.refit_damp; default: its "
+                         "default alone)")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--split", default="test", choices=["validation", "test"],
                     help="where perplexity is measured: validation to make a choice (calibration size, damping), "
@@ -140,9 +140,10 @@ def main() -> None:
             space, selection = select(loaded, config)
             select_seconds = time.perf_counter() - start
             refits = [(how, damp) for how in args.reconstruct
-                      for damp in ((args.refit_damps or [None]) if how != "none" else [None])]
+                      for damp in ((args.refit_damps or [None]) if how != "none" else [None])]  # None: the default
             for how, damp in refits:
-                applied_config = dataclasses.replace(config, reconstruct=how, refit_damp=damp)
+                applied_config = dataclasses.replace(config, reconstruct=how,
+                                                     **({} if damp is None else {"refit_damp": damp}))
                 start = time.perf_counter()
                 pruned, applied = apply(loaded, applied_config, space, selection)
                 seconds = select_seconds + time.perf_counter() - start

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-damp", type=float, default=None,
                    help="--reconstruct: the refit's damping, a fraction of the mean input variance (a ridge "
                         "towards the original weights; default: "
-                        + ", ".join(f"{how} {damp:g}" for how, damp in REFIT_DAMP.items()) + ")")
+                        f"{REFIT_DAMP:g})")
     _pg_args(p.add_argument_group("policy gradient (--method pg)"))
 
     p = sub.add_parser("generate", help="greedy generation from a prompt")

@@ -15,9 +15,9 @@ from .space import check_granularity, check_ratio
 from .sparsity_masks import parse_sparsity_type, resolve_sparsity
 
 RECONSTRUCT = ("none", "ls", "admm")
-# Each refit's default damping (PruneConfig.refit_damp). ls: 1, chosen on validation (README "Unstructured
-# and N:M sparsity with weight updates"): with 32 calibration windows smaller dampings overfit them.
-REFIT_DAMP = {"ls": 1.0, "admm": 0.1}
+# The refits' default damping (PruneConfig.refit_damp), chosen on validation for ls and admm alike (README
+# "Unstructured and N:M sparsity with weight updates"): with 32 calibration windows less damping overfits them.
+REFIT_DAMP = 1.0
 ADMM_MASKS = ("gradual", "reselect")
 WANDA_SP_STATS = ("dense", "sequential")
 
@@ -36,8 +36,7 @@ class PruneConfig:
         (the released code: the full-sparsity mask re-chosen during the first iterations).
     admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)).
     refit_damp: the damping of a `reconstruct` refit, a fraction of the mean input variance added to
-        each kept input's (a ridge towards the original weights); None: each refit's own default
-        (REFIT_DAMP).
+        each kept input's (a ridge towards the original weights).
     wanda_sp_stats: Wanda-sp's input norms, "dense" (from the dense model, reused at every ratio) or
         "sequential" (the reference's order: each layer's on the outputs of the pruned layers before it).
     """
@@ -56,7 +55,7 @@ class PruneConfig:
     admm_mask: str = "gradual"
     admm_iterations: int = 20
     wanda_sp_stats: str = "dense"
-    refit_damp: float | None = None
+    refit_damp: float = REFIT_DAMP
 
     def validate(self) -> "PruneConfig":
         check_ratio(self.ratio)
@@ -78,7 +77,7 @@ class PruneConfig:
         if self.wanda_sp_stats not in WANDA_SP_STATS:
             raise PrunerError(f"unknown Wanda-sp statistics {self.wanda_sp_stats!r}: choose one of "
                               f"{', '.join(WANDA_SP_STATS)}")
-        if self.refit_damp is not None and not 0 <= self.refit_damp <= 100:
+        if not 0 <= self.refit_damp <= 100:
             raise PrunerError(f"the refit's damping must lie in [0, 100], got {self.refit_damp}")
         if not 1 <= self.admm_iterations <= 10_000:
             raise PrunerError(f"ADMM iterations must lie in [1, 10000], got {self.admm_iterations}")

@@ -17,9 +17,9 @@ over the kept columns K and an intercept b (pruner.reconstruction): "ls" directl
 pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
 changed inputs (target X W^T). The damping (`config.REFIT_DAMP`, a ridge towards W_K) trades fitting
 the calibration windows against staying at the method's own weights: on validation, "ls" with
-damping 0.01 overfits 32 calibration windows at ratios 0.2 and 0.3, and damping 1 lowers FLAP's
-perplexity at 0.2-0.4 with 32 windows and matches 0.01 with 128
-(bench/results/structured_refit_damping_validation_c32*.md, _c128.md).
+damping 0.01 overfits 32 calibration windows at ratios 0.2 and 0.3; damping 1 lowers FLAP's
+perplexity at 0.2-0.4 with 32 windows (ls and admm) and matches 0.01 with 128
+(bench/results/structured_refit_damping_validation_c32*.md, _c128.md, structured_admm_damping_*.md).
 The removed columns become zero and b is added to the layer's bias, so a sublayer with nothing
 kept keeps its mean output W mu_d as a bias. The model keeps its dense shapes (masked == sliced:
 slicing it afterwards drops the zero columns and gives the same logits).
@@ -51,16 +51,16 @@ REFITS = ("ls", "admm")
 
 @torch.no_grad()
 def refit_linear(linear: nn.Linear, inputs: InputGram, kept: Tensor, how: str, compensate: bool,
-                 admm_iterations: int = 20, damp: float | None = None) -> tuple[Tensor, Tensor, dict]:
+                 admm_iterations: int = 20, damp: float = REFIT_DAMP) -> tuple[Tensor, Tensor, dict]:
     """The refitted weight (dense shape, removed columns zero) and bias delta of one output linear
     towards the dense model's outputs X_d W^T (`inputs` from a walk with the dense reference), with
-    its relative output error before and after. damp: the ridge's weight (None: REFIT_DAMP[how])."""
+    its relative output error before and after. damp: the ridge's weight."""
     if inputs.cross is None:
         raise PrunerError("a structured refit needs the dense model's inputs (SequentialInputs(dense_reference=True))")
     w = linear.weight.detach()  # (d_out, d_in)
     kept = kept.to(w.device)
     args = (w, inputs.gram, inputs.total, inputs.count, kept)
-    target = {"cross": inputs.cross, "target_sum": inputs.dense_total, "damp": REFIT_DAMP[how] if damp is None else damp}
+    target = {"cross": inputs.cross, "target_sum": inputs.dense_total, "damp": damp}
     w_kept, delta = (refit_kept_columns(*args, **target) if how == "ls"
                      else admm_refit_columns(*args, iterations=admm_iterations, **target))
     new = torch.zeros_like(w)
@@ -75,7 +75,7 @@ def refit_linear(linear: nn.Linear, inputs: InputGram, kept: Tensor, how: str, c
 
 def refit_structured(model: nn.Module, adapter: Adapter, space: PruningSpace, mask: Mask, windows: Tensor,
                      how: str, compensate: bool = False, admm_iterations: int = 20, batch_size: int = 8,
-                     damp: float | None = None, on_layer: Callable[[dict], None] | None = None) -> list[dict]:
+                     damp: float = REFIT_DAMP, on_layer: Callable[[dict], None] | None = None) -> list[dict]:
     """Refit o_proj and down_proj of every layer of `model` (in place, dense shapes; `model` must
     arrive dense, its layers are the dense reference as the walk reaches them) for `mask`;
     returns one record per layer: {"layer", "errors": {linear: {"before", "after"}}, "time_s"}."""

@@ -172,8 +172,8 @@ def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weight
     adapter = loaded.adapter
     space = PruningSpace.from_model(loaded.model, adapter, granularity)
     mask = random_mask(space, seed=2)  # layer 0 loses its attention, the last layer its MLP
-    config = PruneConfig(method="magnitude", ratio=0.3, granularity=granularity, reconstruct=how, refit_damp=damp,
-                         **CALIB)
+    config = PruneConfig(method="magnitude", ratio=0.3, granularity=granularity, reconstruct=how,
+                         **({} if damp is None else {"refit_damp": damp}), **CALIB)
     pruned, applied = apply(loaded, config, space, Selection(mask, compensate=True))
     full = unsliced(loaded.model, pruned, adapter, space, mask)
     x = ids(loaded.model)
@@ -192,7 +192,7 @@ def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weight
             x, x_dense = inputs[which], dense_inputs[which]
             gram, total, count = x.T @ x, x.sum(0), x.shape[0]
             w_kept, delta = refit(dense.weight, gram, total, count, kept, cross=x.T @ x_dense,
-                                  target_sum=x_dense.sum(0), damp=REFIT_DAMP[how] if damp is None else damp)
+                                  target_sum=x_dense.sum(0), damp=REFIT_DAMP if damp is None else damp)
             got = adapter.output_linear(full, l, which)
             old_bias = dense.bias if dense.bias is not None else torch.zeros_like(delta)
             expected = torch.zeros_like(dense.weight)
