@@ -32,8 +32,9 @@ windows of `GENERATION_HISTORY_SEQLEN` tokens (positions past them fuse with a z
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-import weakref
+from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 from . import probe_math as pm
 from .adapters import Adapter, LayerShape, channels_of_heads
 from .calibration import each_output_input
+from .disk_cache import model_fingerprint
 from .dispatch import model_device
 from .errors import PrunerError
 from .evaluate import generate as greedy_generate
@@ -141,22 +143,32 @@ def collect_history(model: nn.Module, adapter: Adapter, windows: Tensor, layers,
     return tuple([pm.history_from(s) if s is not None else None for s in states[w]] for w in ("o_proj", "down_proj"))
 
 
-_HISTORY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+HISTORIES_KEPT = 4  # calibration histories kept in memory (about 30 MB each on the embedded model)
+_HISTORIES: OrderedDict[tuple, History] = OrderedDict()
+_HISTORIES_LOCK = threading.Lock()
 
 
 def calibration_history_for(loaded, config: ProbeConfig, seqlen: int, progress: bool = False) -> History:
     """The calibration history of `config` for windows of `seqlen` tokens (the corpus's train split),
-    remembered per model object (the pruner copies it before updating)."""
+    remembered per model identity (`disk_cache.model_fingerprint`: the private copies of one model,
+    e.g. the Compare page's and the What-if queue's, share it) for the last HISTORIES_KEPT settings.
+    Pruners copy it before updating."""
     from .windows import calibration_windows
 
-    key = (config.data, config.calib_windows, seqlen, config.seed, config.skip_layers)
-    per_model = _HISTORY_CACHE.setdefault(loaded.model, {})
-    if key not in per_model:
-        windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows, seqlen, config.seed)
-        n = len(loaded.adapter.layers(loaded.model))
-        per_model[key] = collect_history(loaded.model, loaded.adapter, windows, range(config.skip_layers, n),
-                                         progress=progress)
-    return per_model[key]
+    key = (model_fingerprint(loaded.model), config.data, config.calib_windows, seqlen, config.seed,
+           config.skip_layers)
+    with _HISTORIES_LOCK:
+        if key in _HISTORIES:
+            _HISTORIES.move_to_end(key)
+            return _HISTORIES[key]
+    windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows, seqlen, config.seed)
+    n = len(loaded.adapter.layers(loaded.model))
+    history = collect_history(loaded.model, loaded.adapter, windows, range(config.skip_layers, n), progress=progress)
+    with _HISTORIES_LOCK:
+        _HISTORIES[key] = history
+        while len(_HISTORIES) > HISTORIES_KEPT:
+            _HISTORIES.popitem(last=False)
+    return history
 
 
 # ---- the pruner ---------------------------------------------------------------------------------

@@ -292,3 +292,31 @@ def test_the_dynamic_card_counts_what_a_batch_ran_with():
     assert card["perplexity"] == pytest.approx(math.exp(float(torch.cat(nll).mean())), rel=1e-4)
     assert card["prefill_s"] > 0 and card["decode_tokens_per_s"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_private_copies_of_a_model_share_one_calibration_history(monkeypatch):
+    """Compare's generation and the What-if queue's card each probe a private copy of the dense model:
+    one history is calibrated for both; other settings calibrate anew; a pruner's updates never reach
+    the remembered history."""
+    import dataclasses
+
+    from tiny_models import tiny_loaded
+
+    from pruner import probe
+    from pruner.models import private_copy
+
+    loaded = tiny_loaded("llama", seed=5)
+    calls = []
+    real = probe.collect_history
+    monkeypatch.setattr(probe, "collect_history", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = ProbeConfig(ratio=0.4, calib_windows=2, skip_layers=1, mlp_multiple=1)
+    first, second = private_copy(loaded), private_copy(loaded)
+    history = probe.calibration_history_for(first, config, 16)
+    assert probe.calibration_history_for(second, config, 16) is history and len(calls) == 1
+    probe.calibration_history_for(first, dataclasses.replace(config, calib_windows=3), 16)
+    assert len(calls) == 2
+    kept = [[None if h is None else h.clone() for h in part] for part in history]
+    pruner = ProbePruner(second.model, second.adapter, config, history)
+    pruner.forward(ids_of(2, 16))
+    assert any(a is not None and not torch.equal(a, b) for a, b in zip(pruner.history[1], history[1]))
+    assert all(a is None or torch.equal(a, b) for part, saved in zip(history, kept) for a, b in zip(part, saved))
