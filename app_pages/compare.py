@@ -9,9 +9,7 @@ import streamlit as st
 from app_pages.common import cached_model, choices, current_model, polled, show_error, studio
 from pruner.errors import PrunerError
 from pruner.evaluate import generate
-from pruner.models import private_copy
-from pruner.probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner
-from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS, PROBE_CALIB_WINDOWS, WhatIf, describe_state
+from pruner.whatif import EVAL_SEQLEN, EVAL_WINDOWS, PROBE_CALIB_WINDOWS, WhatIf, describe_state, probe_comparison
 
 ROWS = {"parameters": "parameters", "perplexity": "perplexity", "prefill_s": "prefill latency (ms, 1x128)",
         "decode_tokens_per_s": "decode tokens/s"}
@@ -59,11 +57,9 @@ def plain(loaded):
 
 @st.cache_resource(show_spinner="Calibrating Probe Pruning's history...", max_entries=2)
 def probe_pruner(spec: str, device: str, dtype: str, data: str, ratio: float):
-    """A Probe Pruner on a private copy of the dense model (it hooks and slices its own modules),
+    """Compare's Probe Pruner for generation (`whatif.probe_comparison`, the one its card measures),
     and the lock that keeps two sessions from running it at once."""
-    loaded = private_copy(cached_model(spec, device, dtype))
-    config = ProbeConfig(ratio=ratio, data=data, calib_windows=PROBE_CALIB_WINDOWS)
-    return loaded, build_pruner(loaded, config, GENERATION_HISTORY_SEQLEN), threading.Lock()
+    return *probe_comparison(cached_model(spec, device, dtype), ratio, data), threading.Lock()
 
 
 def measured(requests: dict) -> None:

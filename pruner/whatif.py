@@ -37,7 +37,7 @@ from .config import PruneConfig
 from .errors import PrunerError
 from .evaluate import model_card, perplexity
 from .models import REPORT_FILE, LoadedModel, load_model, private_copy
-from .probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, build_pruner, dynamic_card
+from .probe import GENERATION_HISTORY_SEQLEN, ProbeConfig, ProbePruner, build_pruner, dynamic_card
 from .prune import prune
 from .windows import corpus_windows
 
@@ -109,6 +109,16 @@ class WhatIf:
                            calib_windows=CALIB_WINDOWS, reconstruct=self.reconstruct)
 
 
+def probe_comparison(loaded: LoadedModel, ratio: float, data: str) -> tuple[LoadedModel, ProbePruner]:
+    """Compare's Probe Pruning at `ratio`: a pruner on a private copy of `loaded` (it hooks and slices
+    its own modules), its history from PROBE_CALIB_WINDOWS train windows of `data` of
+    GENERATION_HISTORY_SEQLEN tokens. The page's generation and the queue's card both use it, so
+    they run the same settings and share one calibrated history."""
+    hooked = private_copy(loaded)
+    config = ProbeConfig(ratio=ratio, data=data, calib_windows=PROBE_CALIB_WINDOWS)
+    return hooked, build_pruner(hooked, config, GENERATION_HISTORY_SEQLEN)
+
+
 def measure(request: WhatIf, loaded: LoadedModel | None, windows: Callable[[LoadedModel], object]) -> dict:
     """The result of one request, a small dict: {"ppl"} and for a pruning also "achieved_ratio",
     "per_layer", "wall_time_s" and "layer_errors" (a reconstruction's per-layer records, else []);
@@ -120,10 +130,9 @@ def measure(request: WhatIf, loaded: LoadedModel | None, windows: Callable[[Load
         if request.card:
             return model_card(loaded.model, windows(loaded))
         return {"ppl": perplexity(loaded.model, windows(loaded))["ppl"]}
-    if request.kind == "probe":  # on a private copy: the pruner hooks and slices its modules
-        hooked = private_copy(loaded)
-        config = ProbeConfig(ratio=request.ratio, data=request.data, calib_windows=PROBE_CALIB_WINDOWS)
-        return dynamic_card(hooked, build_pruner(hooked, config, GENERATION_HISTORY_SEQLEN), windows(loaded))
+    if request.kind == "probe":
+        hooked, pruner = probe_comparison(loaded, request.ratio, request.data)
+        return dynamic_card(hooked, pruner, windows(loaded))
     if request.kind != "prune":
         raise PrunerError(f"unknown What-if request kind {request.kind!r}")
     pruned, _, report = prune(loaded, request.config())
