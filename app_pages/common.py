@@ -60,10 +60,12 @@ def known(queue, requests) -> bool:
 
 
 def polled(queue, wanted: list, loaded, show, needed: list) -> None:
-    """Draw `show`; while the What-if `queue` lacks results of `needed`, redraw it every POLL_SECONDS
-    in a fragment that re-submits the page's wish list `wanted` on `loaded` (so a page another session
-    superseded gets its turn again), and rerun the whole page once they are all in, which ends the
-    polling."""
+    """Submit the page's wish list `wanted` (most wanted first) on `loaded` to the What-if `queue`
+    (which also keeps their known results from eviction) and draw `show`; while the queue lacks
+    results of `needed`, redraw it every POLL_SECONDS in a fragment that re-submits `wanted` (so a
+    page another session superseded gets its turn again), and rerun the whole page once they are
+    all in, which ends the polling."""
+    queue.submit(wanted, loaded)
     if known(queue, needed):
         show()
         return

@@ -93,7 +93,6 @@ def measured(requests: dict) -> None:
                       "windows in batches of 8); its latency includes the probe, its decoding runs on the "
                       "structure the prompt's probe chose." if "probe" in cards else ""))
 
-    queue.submit(wanted, dense)
     polled(queue, wanted, dense, show, wanted)
 
 

@@ -313,7 +313,6 @@ def measured(report: dict, settings: dict) -> None:
     saved = WhatIf.saved(str(manager.root / run_id / "model"), c["device"], c["dtype"], c["data"])
     dense = WhatIf.dense(spec, c["device"], c["dtype"], c["data"])
     queue = manager.whatif
-    queue.submit([saved, dense], dense_model)
 
     def show() -> None:
         pruned, base = queue.result(saved), queue.result(dense)

@@ -58,7 +58,6 @@ pg_points = [(info["settings"]["ratio"], f"{views.run_label(info['settings'])} Â
               WhatIf.saved(info["dir"] + "/model", c["device"], c["dtype"], c["data"]), views.run_kind(info["settings"]))
              for info in saved_runs]
 wanted = [current, dense] + [w for points in sweep.values() for w in points] + [w for _, _, w, _ in pg_points]
-queue.submit(wanted, loaded)
 
 
 def working() -> None:
