@@ -46,6 +46,7 @@ STRUCTURED = {  # row name: (method, PruneConfig overrides)
     "wanda-sp": ("wanda-sp", {}),
     "wanda-sp-sequential": ("wanda-sp", {"wanda_sp_stats": "sequential"}),
     "flap": ("flap", {}),
+    "taylor": ("taylor", {}),
 }
 RECONSTRUCT = ("none", "ls", "admm")
 
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--sparse", nargs="*", default=list(SPARSE), choices=list(SPARSE))
     ap.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7])
     ap.add_argument("--nm", nargs="*", default=["2:4"], help="N:M patterns (at ratio 1 - N/M)")
-    ap.add_argument("--structured", nargs="*", default=["magnitude", "wanda-sp", "flap"], choices=list(STRUCTURED))
+    ap.add_argument("--structured", nargs="*", default=["magnitude", "wanda-sp", "flap", "taylor"], choices=list(STRUCTURED))
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--reconstruct", nargs="*", default=list(RECONSTRUCT), choices=list(RECONSTRUCT))
     ap.add_argument("--refit-damps", type=float, nargs="+", default=None,

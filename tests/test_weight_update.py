@@ -212,9 +212,10 @@ def test_reconstructed_structured_model_is_the_masked_model_with_refitted_weight
     assert applied.extra["weight_update"]["reconstruct"] == how
 
 
-def test_reconstruction_lowers_the_output_error_through_prune(tokenizer):
+@pytest.mark.parametrize("method", ["wanda-sp", "taylor"])
+def test_reconstruction_lowers_the_output_error_through_prune(tokenizer, method):
     loaded = tiny_loaded("llama", tokenizer)
-    base = dict(method="wanda-sp", ratio=0.4, **CALIB)
+    base = dict(method=method, ratio=0.4, **CALIB)
     _, _, plain = prune(loaded, PruneConfig(**base))
     _, _, report = prune(loaded, PruneConfig(**base, reconstruct="ls"))
     assert "weight_update" not in plain and plain["reconstruct"] == "none"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import keep_fraction, uniform_mask
+from ..dispatch import model_device
 from ..evaluate import token_nll
 from ..scores import taylor_salience
 from ..space import PruningSpace
@@ -41,10 +42,11 @@ def accumulate_gradients(loaded, config) -> None:
     windows = calibration_windows(loaded.tokenizer, config.data, "train", config.calib_windows, config.calib_seqlen,
                                   config.seed)
     model, batch = loaded.model, 8
+    device = model_device(model)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         for start in range(0, len(windows), batch):
-            ids = windows[start:start + batch].to(loaded.device)
+            ids = windows[start:start + batch].to(device)
             loss = token_nll(model(ids, use_cache=False).logits, ids).mean() * len(ids) / len(windows)
             loss.backward()
 
