@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--refit-damps", type=float, nargs="+", default=None,
                     help="each reconstruction at each of these dampings (PruneConfig.refit_damp; default: its "
                          "default alone)")
+    ap.add_argument("--admm-iterations", type=int, nargs="+", default=None,
+                    help="iterations of the structured ADMM refit to compare (default: PruneConfig's)")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--split", default="test", choices=["validation", "test"],
                     help="where perplexity is measured: validation to make a choice (calibration size, damping), "
@@ -140,16 +142,19 @@ def main() -> None:
             start = time.perf_counter()
             space, selection = select(loaded, config)
             select_seconds = time.perf_counter() - start
-            refits = [(how, damp) for how in args.reconstruct
-                      for damp in ((args.refit_damps or [None]) if how != "none" else [None])]  # None: the default
-            for how, damp in refits:
+            refits = [(how, damp, iters) for how in args.reconstruct  # None: the default
+                      for damp in ((args.refit_damps or [None]) if how != "none" else [None])
+                      for iters in ((args.admm_iterations or [None]) if how == "admm" else [None])]
+            for how, damp, iters in refits:
                 applied_config = dataclasses.replace(config, reconstruct=how,
-                                                     **({} if damp is None else {"refit_damp": damp}))
+                                                     **({} if damp is None else {"refit_damp": damp}),
+                                                     **({} if iters is None else {"admm_iterations": iters}))
                 start = time.perf_counter()
                 pruned, applied = apply(loaded, applied_config, space, selection)
                 seconds = select_seconds + time.perf_counter() - start
                 result = report(loaded, applied_config, space, applied, pruned, seconds)
-                label = how if damp is None else f"{how} (damp {damp:g})"
+                label = how + "".join(f" ({part})" for part in (None if damp is None else f"damp {damp:g}",
+                                                              None if iters is None else f"{iters} iterations") if part)
                 record({"family": "structured", "method": method, "setting": f"{ratio:g}", "reconstruct": label,
                         "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
                         **evaluate(pruned, loaded.tokenizer, args.data, args.split, args.seqlens, args.max_windows)}, result)
