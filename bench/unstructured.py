@@ -49,6 +49,7 @@ STRUCTURED = {  # row name: (method, PruneConfig overrides)
     "taylor": ("taylor", {}),
 }
 RECONSTRUCT = ("none", "ls", "admm")
+REFIT_LABELS = {"refit_damp": "damp {:g}", "admm_iterations": "{} iterations"}  # a refit's non-default settings
 
 
 def evaluate(model, tokenizer, data, split, seqlens, max_windows) -> dict:
@@ -146,15 +147,13 @@ def main() -> None:
                       for damp in ((args.refit_damps or [None]) if how != "none" else [None])
                       for iters in ((args.admm_iterations or [None]) if how == "admm" else [None])]
             for how, damp, iters in refits:
-                applied_config = dataclasses.replace(config, reconstruct=how,
-                                                     **({} if damp is None else {"refit_damp": damp}),
-                                                     **({} if iters is None else {"admm_iterations": iters}))
+                chosen = {k: v for k, v in (("refit_damp", damp), ("admm_iterations", iters)) if v is not None}
+                applied_config = dataclasses.replace(config, reconstruct=how, **chosen)
                 start = time.perf_counter()
                 pruned, applied = apply(loaded, applied_config, space, selection)
                 seconds = select_seconds + time.perf_counter() - start
                 result = report(loaded, applied_config, space, applied, pruned, seconds)
-                label = how + "".join(f" ({part})" for part in (None if damp is None else f"damp {damp:g}",
-                                                              None if iters is None else f"{iters} iterations") if part)
+                label = how + "".join(f" ({REFIT_LABELS[k].format(v)})" for k, v in chosen.items())
                 record({"family": "structured", "method": method, "setting": f"{ratio:g}", "reconstruct": label,
                         "achieved_ratio": result["achieved_ratio"], "wall_time_s": seconds, **mean_errors(result),
                         **evaluate(pruned, loaded.tokenizer, args.data, args.split, args.seqlens, args.max_windows)}, result)
