@@ -34,9 +34,11 @@ class PruneConfig:
         intercept) or "admm" (the ADMM fixed-mask update); "none" keeps the method's own result.
     admm_mask: the ADMM method's mask schedule, "gradual" (the paper's cubic ramp) or "reselect"
         (the released code: the full-sparsity mask re-chosen during the first iterations).
-    admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)).
-    refit_damp: the damping of a `reconstruct` refit, a fraction of the mean input variance added to
-        each kept input's (a ridge towards the original weights).
+    admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)); also
+        those of the "admm" refit, which at refit_damp 1 has converged well before 20.
+    refit_damp: the damping of a `reconstruct` refit, a ridge towards the original weights: "ls" adds
+        this fraction of the kept inputs' mean variance to each one's; "admm" (the paper's damping in
+        its normalised coordinates) adds this fraction of each kept input's own variance.
     wanda_sp_stats: Wanda-sp's input norms, "dense" (from the dense model, reused at every ratio) or
         "sequential" (the reference's order: each layer's on the outputs of the pruned layers before it).
     """

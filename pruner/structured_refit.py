@@ -12,8 +12,9 @@ The target is the dense model's output: the walk also runs the dense model along
 feeds it for the same tokens and the cross products X^T X_d. A refit solves
     min ||X_K W'_K^T + 1 b^T - X_d W^T||^2
 over the kept columns K and an intercept b (pruner.reconstruction): "ls" directly
-(`refit_kept_columns`, ridge towards W_K), "admm" by the paper's fixed-mask iterations
-(`admm_refit_columns`), both with the cross term. So a layer may also correct what the earlier
+(`refit_kept_columns`, a ridge towards W_K of the same weight for every kept input), "admm" by the
+paper's fixed-mask iterations on the kept block (`admm_refit_columns`, the paper's damping: each
+input's weight in the ridge proportional to its own variance), both with the cross term. So a layer may also correct what the earlier
 pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
 changed inputs (target X W^T). The damping (`config.REFIT_DAMP`, a ridge towards W_K) trades fitting
 the calibration windows against staying at the method's own weights: on validation, "ls" with

@@ -456,6 +456,62 @@ def test_admm_refit_converges_to_the_centred_least_squares_and_beats_flap(seed):
     assert error_from_x(short, w, x, b20) < error_from_x(w * kept, w, x, flap_bias)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admm_refit_reaches_its_optimum_in_the_default_iterations(seed):
+    """On a structured mask the constraint is eliminated (the iterations run on the kept columns),
+    so at damp 1 (the refit's default, config.REFIT_DAMP) the paper's 20 iterations reach the
+    damped least squares to < 1e-5; the full-width iterations of admm_fixed_mask are further off."""
+    w, x_t = correlated_layer(seed)
+    x = x_t + 0.3 * torch.randn(x_t.shape, generator=generator(seed + 40), dtype=F64) + 0.2
+    kept = torch.rand(w.shape[1], generator=generator(seed + 41)) > 0.5
+    n = x.shape[0]
+    mu, mu_t = x.mean(0), x_t.mean(0)
+    centred = x.T @ x - n * torch.outer(mu, mu)
+    centred_cross = x.T @ x_t - n * torch.outer(mu, mu_t)
+    mask = kept.expand_as(w)
+    direct = least_squares_on_support(w, centred, mask, damp=1.0, cross=centred_cross)
+    w20, _ = admm_refit_columns(w, x.T @ x, x.sum(0), n, kept, iterations=20, damp=1.0, cross=x.T @ x_t,
+                                target_sum=x_t.sum(0))
+    restricted_gap = float((w20 - direct[:, kept]).norm() / direct.norm())
+    assert restricted_gap < 1e-5
+    full_width = admm_fixed_mask(w, centred, mask, iterations=20, damp=1.0, cross=centred_cross)
+    assert float((full_width - direct).norm() / direct.norm()) > 30 * restricted_gap
+
+
+@pytest.mark.parametrize("refit", [refit_kept_columns, admm_refit_columns])
+@pytest.mark.parametrize("constant_kept", [False, True])
+def test_refit_with_constant_input_channels(refit, constant_kept):
+    """Inputs that never vary (a head whose value output is the same for every token), with the
+    Gram matrix accumulated in fp32 as the walk does: their centred variance is round-off, which
+    the paper's normalisation by sqrt(variance) once blew up into an indefinite system (a raw
+    LinAlgError from `prune --reconstruct admm` on 2 calibration windows). The refit runs, kept
+    weights on the constant inputs stay where they were (the intercept carries them), and its
+    error is that of the refit on the same data without those channels."""
+    w, x = correlated_layer(5)
+    x = x + 0.4
+    head = slice(8, 16)
+    x[:, head] = 0.1173 + 0.01 * torch.arange(8, dtype=F64)  # constant
+    kept = torch.rand(w.shape[1], generator=generator(50)) > 0.4
+    kept[head] = constant_kept
+    x32 = x.float()
+    gram = (x32.T @ x32).double()  # fp32 products, as pruner.sequential accumulates them
+    w_kept, bias = refit(w, gram, x.sum(0), x.shape[0], kept, damp=1.0)
+    assert torch.isfinite(w_kept).all() and torch.isfinite(bias).all()
+    ours = torch.zeros_like(w)
+    ours[:, kept] = w_kept
+    if constant_kept:
+        torch.testing.assert_close(ours[:, head], w[:, head])
+    # the same refit with the constant channels removed (their mean output in the bias instead)
+    other = kept.clone()
+    other[head] = False
+    w_other, b_other = refit(w, x.T @ x, x.sum(0), x.shape[0], other, damp=1.0)
+    without = torch.zeros_like(w)
+    without[:, other] = w_other
+    assert error_from_x(ours, w, x, bias) == pytest.approx(error_from_x(without, w, x, b_other), rel=1e-5)
+    flap_bias = w[:, ~kept] @ x.mean(0)[~kept]
+    assert error_from_x(ours, w, x, bias) < 0.9 * error_from_x(w * kept, w, x, flap_bias)
+
+
 @pytest.mark.parametrize("refit", [refit_kept_columns, admm_refit_columns])
 def test_refit_of_a_removed_sublayer_keeps_its_mean_output(refit):
     """No column kept: no weights, and the bias is the layer's mean output W mu."""
