@@ -35,7 +35,7 @@ class PruneConfig:
     admm_mask: the ADMM method's mask schedule, "gradual" (the paper's cubic ramp) or "reselect"
         (the released code: the full-sparsity mask re-chosen during the first iterations).
     admm_iterations: ADMM iterations (the paper: 20; the mask ramps over the first min(15, this)); also
-        those of the "admm" refit, which at refit_damp 1 has converged well before 20.
+        those of the "admm" refit, whose penalty follows its damping so that 20 converge.
     refit_damp: the damping of a `reconstruct` refit, a ridge towards the original weights: "ls" adds
         this fraction of the kept inputs' mean variance to each one's; "admm" (the paper's damping in
         its normalised coordinates) adds this fraction of each kept input's own variance.

@@ -403,8 +403,8 @@ def _fit_varying(w: Tensor, kept: Tensor, varying: Tensor, solve: Callable[[Tens
 
 
 def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, kept_columns: Tensor,
-                       iterations: int = 20, rho: float = 1.0, damp: float = 0.1, cross: Tensor | None = None,
-                       target_sum: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       iterations: int = 20, rho: float | None = None, damp: float = 0.1,
+                       cross: Tensor | None = None, target_sum: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`refit_kept_columns` by the ADMM fixed-mask update instead of a direct solve.
 
     The intercept is eliminated as there (b = W mu_t - W'_K mu_K, not damped), which leaves the
@@ -417,7 +417,8 @@ def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
 
     the same minimiser as `admm_fixed_mask` on the full mask (`least_squares_on_support`), but
     reached in a few iterations: each contracts the error by rho / (lambda + rho), lambda >= the
-    damping, where the full-width iterations also have to drive the removed columns' V + U to
+    damping, so rho = the damping (the default; 1 without damping) at least halves it, where the
+    full-width iterations also have to drive the removed columns' V + U to
     zero through the correlations of X (on a layer after Wanda-sp: 3% from the minimiser
     after 20 iterations, 0.2% after 100).
     Its damping pulls towards the original W_K, so FLAP's point (W_K kept, b = W_R mu_R) stays
@@ -432,6 +433,7 @@ def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
     w = _as_f64(weight, dev)  # (d_out, d_in)
     kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
     mu, cov, mu_t, cov_t, varying = _centred(gram, x_sum, count, cross, target_sum, dev)
+    rho = (damp if damp > 0 else 1.0) if rho is None else rho
 
     def solve(fit: Tensor) -> Tensor:  # (f,) varying kept columns -> W'_fit (d_out, f)
         w_f = w[:, fit]  # (d_out, f)
