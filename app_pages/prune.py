@@ -118,9 +118,9 @@ with st.container(border=True):
     if reconstruct != "none":
         method_settings["refit_damp"] = float(cols[3].number_input(
             "Refit damping", 0.0, 100.0, float(shown.refit_damp), format="%.4g", key=f"refit_damp{suffix}",
-            help="A ridge towards the original weights, as a fraction of the mean input variance: small fits "
-                 "the calibration windows closely (and may overfit a few of them), large stays near the "
-                 "method's own weights and bias"))
+            help="A ridge towards the original weights (ls: as a fraction of the kept inputs' mean variance; "
+                 "admm: of each input's own variance): small fits the calibration windows closely (and may "
+                 "overfit a few of them), large stays near the method's own weights and bias"))
     if method == "wanda-sp":
         method_settings["wanda_sp_stats"] = cols[1].selectbox(
             "Wanda-sp statistics", WANDA_SP_STATS, index=WANDA_SP_STATS.index(shown.wanda_sp_stats),

@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on sequential calibration inputs after the mask is chosen (ls: least squares, "
                         "admm: the ADMM fixed-mask update; default none)")
     p.add_argument("--refit-damp", type=float, default=None,
-                   help="--reconstruct: the refit's damping, a fraction of the mean input variance (a ridge "
-                        "towards the original weights; default: "
+                   help="--reconstruct: the refit's damping, a ridge towards the original weights (ls: this "
+                        "fraction of the kept inputs' mean variance; admm: of each input's own variance; default: "
                         f"{REFIT_DAMP:g})")
     _pg_args(p.add_argument_group("policy gradient (--method pg)"))
 
