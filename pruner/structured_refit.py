@@ -18,9 +18,10 @@ input's weight in the ridge proportional to its own variance), both with the cro
 pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
 changed inputs (target X W^T). The damping (`config.REFIT_DAMP`, a ridge towards W_K) trades fitting
 the calibration windows against staying at the method's own weights: on validation, "ls" with
-damping 0.01 overfits 32 calibration windows at ratios 0.2 and 0.3; damping 1 lowers FLAP's
-perplexity at 0.2-0.4 with 32 windows (ls and admm) and matches 0.01 with 128
-(bench/results/structured_refit_damping_validation_c32*.md, _c128.md, structured_admm_damping_*.md).
+damping 0.01 overfits 32 calibration windows at ratios 0.2 and 0.3; of 0.1, 0.3 and 1, 0.3 gives
+both refits the lowest mean log perplexity over FLAP, Taylor and Wanda-sp at 0.2-0.4
+(bench/results/structured_refit_damping_validation_c32*.md, structured_ls_damping_validation_c32_mid.md,
+structured_admm_kept_block_*validation_c32.md).
 The removed columns become zero and b is added to the layer's bias, so a sublayer with nothing
 kept keeps its mean output W mu_d as a bias. The model keeps its dense shapes (masked == sliced:
 slicing it afterwards drops the zero columns and gives the same logits).
