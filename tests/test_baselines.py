@@ -118,7 +118,8 @@ def plain_taylor_scores(loaded, windows):
     heads, channels = [], []
     for layer in model.model.layers:
         a = layer.self_attn
-        sal = {n: (getattr(a, n).weight * getattr(a, n).weight.grad).abs().double() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        sal = {n: (getattr(a, n).weight * getattr(a, n).weight.grad).abs().double().detach()
+               for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
         per = []
         for kv in range(n_kv):
             q_rows = slice(kv * g * hd, (kv + 1) * g * hd)
