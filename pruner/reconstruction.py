@@ -345,26 +345,17 @@ def refit_kept_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
     kept_columns: bool (d_in,) or indices. Returns (W'_K (d_out, |K|) in the weight's dtype,
     bias delta b (d_out,) in the weight's dtype, to add to the layer's bias).
     """
-    _check_shapes(weight, gram)
-    if count <= 0:
-        raise PrunerError(f"the token count must be positive, got {count}")
     if damp < 0:
         raise PrunerError(f"damping must be >= 0, got {damp}")
-    dev = weight.device
-    w = _as_f64(weight, dev)  # (d_out, d_in)
-    kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
-    mu, cov, mu_t, cov_t, varying = _centred(gram, x_sum, count, cross, target_sum, dev)
 
-    def solve(fit: Tensor) -> Tensor:  # (f,) varying kept columns -> W'_fit (d_out, f)
+    def solve(w: Tensor, cov: Tensor, cov_t: Tensor, count: int, fit: Tensor) -> Tensor:
         cov_ff = cov[fit][:, fit]  # (f, f)
         lam = damp * cov_ff.diagonal().mean() if fit.numel() else 0.0
-        lhs = cov_ff + lam * torch.eye(fit.numel(), dtype=w.dtype, device=dev)
+        lhs = cov_ff + lam * torch.eye(fit.numel(), dtype=w.dtype, device=w.device)
         rhs = cov_t[fit] @ w.T + lam * w[:, fit].T  # (f, d_out)
         return _solve_psd(lhs, rhs).T
 
-    w_kept = _fit_varying(w, kept, varying, solve)  # (d_out, k)
-    bias = w @ mu_t - w_kept @ mu[kept]  # (d_out,)
-    return w_kept.to(weight.dtype), bias.to(weight.dtype)
+    return _refit_columns(weight, gram, x_sum, count, kept_columns, cross, target_sum, solve)
 
 
 CONSTANT_INPUT_TOL = 1e-5  # variance / mean square below which an input counts as constant
@@ -393,13 +384,27 @@ def _centred(gram: Tensor, x_sum: Tensor, count: int, cross: Tensor | None, targ
     return mu, cov, mu_t, _as_f64(cross, dev) / count - torch.outer(mu, mu_t), varying
 
 
-def _fit_varying(w: Tensor, kept: Tensor, varying: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
-    """W'_K (d_out, k): `solve` on the kept columns that vary; a kept constant input keeps its
-    weight (it only shifts the intercept, which absorbs it, and the ridge pulls towards W)."""
+BlockSolve = Callable[[Tensor, Tensor, Tensor, int, Tensor], Tensor]
+
+
+def _refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, kept_columns: Tensor,
+                   cross: Tensor | None, target_sum: Tensor | None, solve: BlockSolve) -> tuple[Tensor, Tensor]:
+    """What both refits share: centre the moments (the intercept eliminated), let
+    solve(W, C, C^t, N, fit) give W'_fit (d_out, f) for the kept columns that vary (f,), keep the
+    weights of kept constant inputs (they only shift the intercept, which absorbs them, and the
+    ridge pulls towards W), and return (W'_K, b = W mu_t - W'_K mu_K) in the weight's dtype."""
+    _check_shapes(weight, gram)
+    if count <= 0:
+        raise PrunerError(f"the token count must be positive, got {count}")
+    dev = weight.device
+    w = _as_f64(weight, dev)  # (d_out, d_in)
+    kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
+    mu, cov, mu_t, cov_t, varying = _centred(gram, x_sum, count, cross, target_sum, dev)
     w_kept = w[:, kept].clone()  # (d_out, k)
     fits = varying[kept]  # (k,)
-    w_kept[:, fits] = solve(kept[fits])
-    return w_kept
+    w_kept[:, fits] = solve(w, cov, cov_t, count, kept[fits])
+    bias = w @ mu_t - w_kept @ mu[kept]  # (d_out,)
+    return w_kept.to(weight.dtype), bias.to(weight.dtype)
 
 
 def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, kept_columns: Tensor,
@@ -426,24 +431,15 @@ def admm_refit_columns(weight: Tensor, gram: Tensor, x_sum: Tensor, count: int, 
     as in `refit_kept_columns`.
     Returns (W'_K (d_out, |K|), bias delta (d_out,)), both in the weight's dtype.
     """
-    _check_shapes(weight, gram)
-    if count <= 0:
-        raise PrunerError(f"the token count must be positive, got {count}")
-    dev = weight.device
-    w = _as_f64(weight, dev)  # (d_out, d_in)
-    kept = _column_indices(kept_columns, w.shape[1], dev)  # (k,)
-    mu, cov, mu_t, cov_t, varying = _centred(gram, x_sum, count, cross, target_sum, dev)
     rho = (damp if damp > 0 else 1.0) if rho is None else rho
 
-    def solve(fit: Tensor) -> Tensor:  # (f,) varying kept columns -> W'_fit (d_out, f)
+    def solve(w: Tensor, cov: Tensor, cov_t: Tensor, count: int, fit: Tensor) -> Tensor:
         w_f = w[:, fit]  # (d_out, f)
         target_out = count * cov_t[fit] @ w.T  # (f, d_out): X_f^T X_t W^T, centred (X_t = X without a target)
         every_row = torch.ones_like(w_f, dtype=torch.bool)
         return _admm_on_mask(w_f, count * cov[fit][:, fit], every_row, iterations, rho, damp, target_out)
 
-    w_kept = _fit_varying(w, kept, varying, solve)  # (d_out, k)
-    bias = w @ mu_t - w_kept @ mu[kept]  # (d_out,)
-    return w_kept.to(weight.dtype), bias.to(weight.dtype)
+    return _refit_columns(weight, gram, x_sum, count, kept_columns, cross, target_sum, solve)
 
 
 def with_intercept(gram: Tensor, x_sum: Tensor, count: int) -> Tensor:

@@ -14,13 +14,14 @@ feeds it for the same tokens and the cross products X^T X_d. A refit solves
 over the kept columns K and an intercept b (pruner.reconstruction): "ls" directly
 (`refit_kept_columns`, a ridge towards W_K of the same weight for every kept input), "admm" by the
 paper's fixed-mask iterations on the kept block (`admm_refit_columns`, the paper's damping: each
-input's weight in the ridge proportional to its own variance), both with the cross term. So a layer may also correct what the earlier
-pruned layers changed in its inputs, instead of reproducing the dense layer's response to already
-changed inputs (target X W^T). The damping (`config.REFIT_DAMP`, a ridge towards W_K) trades fitting
-the calibration windows against staying at the method's own weights: on validation, "ls" with
-damping 0.01 overfits 32 calibration windows at ratios 0.2 and 0.3; of 0.1, 0.3 and 1, 0.3 gives
-both refits the lowest mean log perplexity over FLAP, Taylor and Wanda-sp at 0.2-0.4
-(bench/results/structured_refit_damping_validation_c32*.md, structured_ls_damping_validation_c32_mid.md,
+input's weight in the ridge proportional to its own variance), both with the cross term. So a
+layer may also correct what the earlier pruned layers changed in its inputs, instead of reproducing
+the dense layer's response to already changed inputs (target X W^T). The damping
+(`config.REFIT_DAMP`, a ridge towards W_K) trades fitting the calibration windows against staying
+at the method's own weights: on validation, "ls" with damping 0.01 overfits 32 calibration
+windows at ratios 0.2 and 0.3; of 0.1, 0.3 and 1, 0.3 gives both refits the lowest mean log
+perplexity over FLAP, Taylor and Wanda-sp at 0.2-0.4 (bench/results/
+structured_refit_damping_validation_c32*.md, structured_ls_damping_validation_c32_mid.md,
 structured_admm_kept_block_*validation_c32.md).
 The removed columns become zero and b is added to the layer's bias, so a sublayer with nothing
 kept keeps its mean output W mu_d as a bias. The model keeps its dense shapes (masked == sliced:
