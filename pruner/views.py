@@ -32,9 +32,13 @@ def sorted_bins(probs: Tensor, bins: int) -> Tensor:
     """Mean of `bins` consecutive slices of `probs` sorted in decreasing order -> (bins,)."""
     if probs.numel() == 0:
         return torch.full((bins,), float("nan"))
-    ordered = probs.float().sort(descending=True).values
-    edges = torch.linspace(0, ordered.numel(), bins + 1).round().long()
-    return torch.stack([ordered[a:max(b, a + 1)].mean() for a, b in zip(edges[:-1], edges[1:])])
+    ordered = probs.double().sort(descending=True).values
+    n = ordered.numel()
+    edges = torch.linspace(0, n, bins + 1).round().long()
+    start = edges[:-1]
+    stop = torch.minimum(torch.maximum(edges[1:], start + 1), torch.tensor(n))  # at least one unit, if any is left
+    sums = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])
+    return ((sums[stop] - sums[start]) / (stop - start)).float()  # an empty slice (more bins than units): NaN
 
 
 def heads_matrix(snapshot: dict) -> Tensor:

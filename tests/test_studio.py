@@ -136,6 +136,15 @@ def test_metric_job_and_failed_job(tmp_path, embedded):
     assert on_disk[bad.id]["status"] == "failed" and "missing.txt" in on_disk[bad.id]["error"]
 
 
+@pytest.mark.parametrize("n, bins", [(1536, 64), (100, 64), (64, 64), (5, 5), (7, 3)])
+def test_sorted_bins_are_the_means_of_consecutive_sorted_slices(n, bins):
+    probs = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    ordered = probs.sort(descending=True).values
+    edges = torch.linspace(0, n, bins + 1).round().long().tolist()
+    plain = torch.stack([ordered[a:max(b, a + 1)].mean() for a, b in zip(edges[:-1], edges[1:])])
+    torch.testing.assert_close(views.sorted_bins(probs, bins), plain)
+
+
 def test_sorted_bins_and_heatmap_matrices():
     probs = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
     torch.testing.assert_close(views.sorted_bins(probs, 3), torch.tensor([0.8, 0.4, 0.15]))
