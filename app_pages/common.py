@@ -1,13 +1,14 @@
 """What every page shares: the process-wide model cache and run manager, the session's choices,
-errors shown in the page, and the chart builders (plotly figures from pruner.views data)."""
+errors shown in the page, and the charts (inline SVG from pruner.views data, app_pages.charts)."""
 
 from __future__ import annotations
 
 import json
 
-import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages import charts
+from app_pages.charts import Series
 from pruner import views
 from pruner.errors import PrunerError
 from pruner.models import load_model
@@ -15,7 +16,6 @@ from pruner.studio import Studio
 
 DEFAULTS = {"model_spec": "embedded", "data": "brown", "device": "auto", "dtype": "auto", "granularity": "auto"}
 POLL_SECONDS = 1.0
-CHART_HEIGHT = 300
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...", max_entries=6)
@@ -89,92 +89,81 @@ def report_json(report: dict) -> str:
 
 # ---- figures ------------------------------------------------------------------------------
 
-def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str) -> go.Figure:
-    fig.update_layout(title=title, height=CHART_HEIGHT, margin=dict(l=10, r=10, t=40, b=10),
-                      xaxis_title=xaxis, yaxis_title=yaxis, legend=dict(orientation="h", y=-0.25))
-    return fig
+def draw(svg: str) -> None:
+    """Put one chart (an SVG string from app_pages.charts) in the page."""
+    st.markdown(svg, unsafe_allow_html=True)
 
 
-def loss_figure(steps: list[dict]) -> go.Figure:
+def loss_figure(steps: list[dict]) -> str:
     """The K sample losses of each step (dots), their mean, and the moving baseline."""
-    fig = go.Figure()
-    xs = [r["step"] for r in steps for _ in r["losses"]]
-    ys = [x for r in steps for x in r["losses"]]
-    fig.add_scatter(x=xs, y=ys, mode="markers", name="sample losses", marker=dict(size=4, opacity=0.45))
-    fig.add_scatter(x=[r["step"] for r in steps], y=[r["loss_mean"] for r in steps], mode="lines", name="mean")
-    fig.add_scatter(x=[r["step"] for r in steps], y=[r["baseline"] for r in steps], mode="lines",
-                    name="baseline (moving average)", line=dict(dash="dot"))
-    return _layout(fig, "Loss of sampled masks", "step", "cross-entropy")
+    x = [r["step"] for r in steps]
+    return charts.line_chart([
+        Series("sample losses", [r["step"] for r in steps for _ in r["losses"]],
+               [v for r in steps for v in r["losses"]], mode="markers", size=2.5, opacity=0.45),
+        Series("mean", x, [r["loss_mean"] for r in steps]),
+        Series("baseline (moving average)", x, [r["baseline"] for r in steps], dash=True),
+    ], "Loss of sampled masks", "step", "cross-entropy", key="loss")
 
 
-def variance_figure(steps: list[dict]) -> go.Figure:
+def variance_figure(steps: list[dict]) -> str:
     """The spread of the step's gradient estimates: their variance across the K samples (independent
     masks), and their mean square (any sampling; one antithetic pair has no variance to measure)."""
-    fig = go.Figure()
     x = [r["step"] for r in steps]
+    series = []
     if any(r.get("grad_variance") is not None for r in steps):
-        fig.add_scatter(x=x, y=[r.get("grad_variance") for r in steps], mode="lines", name="variance across samples")
+        series.append(Series("variance across samples", x, [r.get("grad_variance") for r in steps]))
     if any("grad_mean_square" in r for r in steps):
-        fig.add_scatter(x=x, y=[r.get("grad_mean_square") for r in steps], mode="lines", name="mean square")
-    fig.update_yaxes(type="log", dtick=1, exponentformat="power")  # one label per decade
-    return _layout(fig, "Spread of the gradient estimate", "step", "mean per unit")
+        series.append(Series("mean square", x, [r.get("grad_mean_square") for r in steps]))
+    return charts.line_chart(series, "Spread of the gradient estimate", "step", "mean per unit", log_y=True,
+                             key="variance")
 
 
-def budget_figure(steps: list[dict]) -> go.Figure:
-    fig = go.Figure()
-    fig.add_scatter(x=[r["step"] for r in steps], y=[r["expected_kept_fraction"] for r in steps], mode="lines",
-                    name="expected kept fraction")
-    if steps:
-        fig.add_hline(y=steps[-1]["target_kept_fraction"], line_dash="dash", annotation_text="budget")
-    return _layout(fig, "Expected kept parameters", "step", "fraction of decoder-linear params")
+def budget_figure(steps: list[dict]) -> str:
+    return charts.line_chart(
+        [Series("expected kept fraction", [r["step"] for r in steps], [r["expected_kept_fraction"] for r in steps])],
+        "Expected kept parameters", "step", "fraction of decoder-linear params",
+        hlines=[(steps[-1]["target_kept_fraction"], "budget")] if steps else (), key="budget")
 
 
-def ppl_figure(evals: list[dict]) -> go.Figure:
-    fig = go.Figure()
-    fig.add_scatter(x=[e["step"] for e in evals], y=[e["ppl"] for e in evals], mode="lines+markers",
-                    name="hard-mask validation perplexity")
-    return _layout(fig, "Validation perplexity of the current hard mask", "step", "perplexity")
+def ppl_figure(evals: list[dict]) -> str:
+    return charts.line_chart(
+        [Series("hard-mask validation perplexity", [e["step"] for e in evals], [e["ppl"] for e in evals],
+                mode="lines+markers")],
+        "Validation perplexity of the current hard mask", "step", "perplexity", key="ppl")
 
 
-def heatmap_figure(matrix, title: str, xlabel: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=matrix.tolist(), zmin=0, zmax=1, colorscale="Viridis",
-                               colorbar=dict(title="keep p")))
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(height=max(CHART_HEIGHT, 14 * matrix.shape[0] + 80))
-    return _layout(fig, title, xlabel, "layer")
+def heatmap_figure(matrix, title: str, xlabel: str, cell: str | None = None) -> str:
+    return charts.heatmap(matrix, title, xlabel, "layer", cell=cell)
 
 
-def layers_figure(per_layer: list[dict], title: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_bar(x=[r["layer"] for r in per_layer], y=[r["kept_fraction"] for r in per_layer], name="kept")
-    fig.update_yaxes(range=[0, 1])
-    return _layout(fig, title, "layer", "kept fraction of layer parameters")
+def layers_figure(per_layer: list[dict], title: str) -> str:
+    return charts.bar_chart([r["layer"] for r in per_layer], {"kept": [r["kept_fraction"] for r in per_layer]},
+                            title, "layer", "kept fraction of layer parameters", y_range=(0.0, 1.0),
+                            width=charts.WIDE, key="layers")
 
 
-def mask_change_figure(heads, channels) -> go.Figure:
+def mask_change_figure(heads, channels) -> str:
     """Share of units whose decision changed from one batch to the next (mean over pruned layers)."""
-    fig = go.Figure()
     xs = list(range(1, heads.shape[0] + 1))
-    fig.add_scatter(x=xs, y=heads.mean(1).tolist(), mode="lines+markers", name="query heads")
-    fig.add_scatter(x=xs, y=channels.mean(1).tolist(), mode="lines+markers", name="MLP channels")
-    fig.update_yaxes(range=[0, 1])
-    return _layout(fig, "Mask change from the previous batch", "batch", "share of units flipped")
+    return charts.line_chart([Series("query heads", xs, heads.mean(1).tolist(), mode="lines+markers"),
+                              Series("MLP channels", xs, channels.mean(1).tolist(), mode="lines+markers")],
+                             "Mask change from the previous batch", "batch", "share of units flipped",
+                             y_range=(0.0, 1.0), key="mask-change")
 
 
-def batch_times_figure(batches: list[dict]) -> go.Figure:
+def batch_times_figure(batches: list[dict]) -> str:
     """Wall time of the dense and the probe-pruned forward of every batch."""
-    fig = go.Figure()
-    xs = [b["batch"] for b in batches]
-    fig.add_bar(x=xs, y=[b["dense_s"] for b in batches], name="dense")
-    fig.add_bar(x=xs, y=[b["probe_s"] for b in batches], name="probe pruning (probe included)")
-    return _layout(fig, "Forward wall time per batch", "batch", "seconds")
+    return charts.bar_chart([b["batch"] for b in batches],
+                            {"dense": [b["dense_s"] for b in batches],
+                             "probe pruning (probe included)": [b["probe_s"] for b in batches]},
+                            "Forward wall time per batch", "batch", "seconds", key="batch-times")
 
 
-def layer_errors_figure(records: list[dict], title: str) -> go.Figure:
+def layer_errors_figure(records: list[dict], title: str) -> str:
     """Per layer, the relative output error of its updated linears before and after the update."""
     data = views.layer_errors(records)
-    fig = go.Figure()
-    fig.add_scatter(x=data["layer"], y=data["before"], mode="lines+markers", name="before the update (mask only)")
-    fig.add_scatter(x=data["layer"], y=data["after"], mode="lines+markers", name="after the update")
-    fig.update_yaxes(type="log", exponentformat="power")
-    return _layout(fig, title, "layer", "||XW'-XW||² / ||XW||² (mean over linears)")
+    return charts.line_chart([Series("before the update (mask only)", data["layer"], data["before"],
+                                     mode="lines+markers"),
+                              Series("after the update", data["layer"], data["after"], mode="lines+markers")],
+                             title, "layer", "||XW'-XW||² / ||XW||² (mean over linears)", log_y=True,
+                             width=charts.WIDE, key="layer-errors")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app_pages.common import (POLL_SECONDS, batch_times_figure, choices, current_model, heatmap_figure,
+from app_pages.common import (POLL_SECONDS, batch_times_figure, choices, current_model, draw, heatmap_figure,
                               mask_change_figure, show_error, studio)
 from pruner import views
 from pruner.errors import PrunerError
@@ -67,21 +67,20 @@ def render(state: dict) -> None:
     batch = next(b for b in state["batches"] if b["batch"] == shown)
     cols = st.columns(2)
     with cols[0].container(key="probe_heads"):
-        st.plotly_chart(heatmap_figure(batch["heads"], f"Query heads kept by batch {shown}", "query head"),
-                        width="stretch")
+        draw(heatmap_figure(batch["heads"], f"Query heads kept by batch {shown}", "query head"))
     with cols[1].container(key="probe_channels"):
-        st.plotly_chart(heatmap_figure(views.binned_columns(batch["channels"], 64),
-                                       f"MLP channels kept by batch {shown} (64 bins by index)", "channel bin"),
-                        width="stretch")
+        draw(heatmap_figure(views.binned_columns(batch["channels"], 64),
+                            f"MLP channels kept by batch {shown} (64 bins by index)", "channel bin",
+                            cell="bin"))
     cols = st.columns(2)
     with cols[0].container(key="probe_times"):
-        st.plotly_chart(batch_times_figure(state["batches"]), width="stretch")
+        draw(batch_times_figure(state["batches"]))
     if len(state["batches"]) > 1:
         skip = state["config"]["skip_layers"]
         heads = views.mask_changes([b["heads"][skip:] for b in state["batches"]])
         channels = views.mask_changes([b["channels"][skip:] for b in state["batches"]])
         with cols[1].container(key="probe_changes"):
-            st.plotly_chart(mask_change_figure(heads, channels), width="stretch")
+            draw(mask_change_figure(heads, channels))
 
 
 if job.is_alive:

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app_pages.common import (POLL_SECONDS, budget_figure, cached_model, choices,
+from app_pages.common import (POLL_SECONDS, budget_figure, cached_model, choices, draw,
                               current_model, heatmap_figure, layer_errors_figure, layers_figure, load_for_run,
                               loss_figure, polled, ppl_figure, report_json, show_error, studio, variance_figure)
 from pruner import views
@@ -237,35 +237,35 @@ def render(state: dict) -> None:
                        delta=f"budget {last['target_kept_fraction']:.3f}" if last else None, delta_color="off")
         cols[2].metric("Tokens / s", f"{last['tokens_per_s']:.0f}" if last else "-")
         cols[3].metric("ETA", views.format_duration(eta) if state["live"] else "-")
-    if steps or state["live"]:  # empty axes while the first step runs: the browser loads its charting code meanwhile
+    if steps or state["live"]:  # empty axes while the first step runs
         cols = st.columns(2)
         with cols[0].container(key="loss_chart"):
-            st.plotly_chart(loss_figure(steps), width="stretch")
+            draw(loss_figure(steps))
         with cols[1].container(key="variance_chart"):
-            st.plotly_chart(variance_figure(steps), width="stretch")
+            draw(variance_figure(steps))
             st.caption("Variance: mean over units of the variance across the K samples of each unit's "
                        "gradient term (L_j - baseline) * score(m_j, s).")
         cols = st.columns(2)
-        cols[0].plotly_chart(budget_figure(steps), width="stretch")
+        with cols[0]:
+            draw(budget_figure(steps))
         if evals:
-            cols[1].plotly_chart(ppl_figure(evals), width="stretch")
+            with cols[1]:
+                draw(ppl_figure(evals))
     if snapshots:
         snap = snapshots[-1]
         heads, chans = views.heads_matrix(snap), views.channels_matrix(snap)
         cols = st.columns(2)
         with cols[0].container(key="heads_heatmap"):
-            st.plotly_chart(heatmap_figure(heads, "Keep probability of attention units", "head unit"),
-                            width="stretch")
+            draw(heatmap_figure(heads, "Keep probability of attention units", "head unit"))
             st.caption(f"snapshot at step {snap['step']} · one row per layer, one cell per head unit")
         with cols[1].container(key="channels_heatmap"):
-            st.plotly_chart(heatmap_figure(chans, "Keep probability of MLP channels (sorted, binned)",
-                                           "channel bin (most kept first)"), width="stretch")
+            draw(heatmap_figure(chans, "Keep probability of MLP channels (sorted, binned)",
+                                "channel bin (most kept first)", cell="bin"))
             st.caption(f"snapshot at step {snap['step']} · each row sorted, then averaged in 64 bins")
     if state.get("per_layer"):
         with st.container(key="layers_chart"):
-            st.plotly_chart(layers_figure(state["per_layer"], "Per-layer kept fraction of the "
-                                          + ("current hard mask" if state["live"] else "saved model")),
-                            width="stretch")
+            draw(layers_figure(state["per_layer"], "Per-layer kept fraction of the "
+                               + ("current hard mask" if state["live"] else "saved model")))
     if state["layers"]:
         errors_chart(state["layers"], settings)
 
@@ -273,7 +273,7 @@ def render(state: dict) -> None:
 def errors_chart(layers: list[dict], settings: dict) -> None:
     what = "reconstruction" if settings.get("reconstruct", "none") != "none" else "weight update"
     with st.container(key="errors_chart"):
-        st.plotly_chart(layer_errors_figure(layers, f"Per-layer relative output error, {what}"), width="stretch")
+        draw(layer_errors_figure(layers, f"Per-layer relative output error, {what}"))
         st.caption("On the calibration inputs each layer sees after the earlier layers were pruned: before = the "
                    "final mask on the original weights (with FLAP's bias where the method compensates), after = "
                    "the updated weights.")
@@ -301,8 +301,7 @@ def result_view(state: dict) -> None:
         errors_chart(layers, settings)
     if state.get("per_layer"):
         with st.container(key="layers_chart"):
-            st.plotly_chart(layers_figure(state["per_layer"], "Per-layer kept fraction of the saved model"),
-                            width="stretch")
+            draw(layers_figure(state["per_layer"], "Per-layer kept fraction of the saved model"))
 
 
 def measured(report: dict, settings: dict) -> None:

@@ -4,10 +4,11 @@ The page never prunes: it hands what it wants to show to the studio's What-if qu
 at a time, a newer change replaces queued ones, none while a run is going) and polls for the results.
 """
 
-import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import choices, current_model, layer_errors_figure, layers_figure, polled, studio
+from app_pages import charts
+from app_pages.charts import Series
+from app_pages.common import choices, current_model, draw, layer_errors_figure, layers_figure, polled, studio
 from pruner import views
 from pruner.config import RECONSTRUCT
 from pruner.space import GRANULARITIES
@@ -86,13 +87,12 @@ def show_result() -> None:
     if base and "error" in base:
         st.error(base["error"])
     with st.container(key="whatif_layers"):
-        st.plotly_chart(layers_figure(result["per_layer"],
-                                      f"Per-layer kept fraction ({method}, ratio {ratio:.2f}, {granularity})"),
-                        width="stretch")
+        draw(layers_figure(result["per_layer"],
+                           f"Per-layer kept fraction ({method}, ratio {ratio:.2f}, {granularity})"))
     if result.get("layer_errors"):
         with st.container(key="whatif_errors"):
-            st.plotly_chart(layer_errors_figure(result["layer_errors"], f"Per-layer relative output error, "
-                                                f"{reconstruct} reconstruction"), width="stretch")
+            draw(layer_errors_figure(result["layer_errors"], f"Per-layer relative output error, "
+                                     f"{reconstruct} reconstruction"))
 
 
 SWEEP_NEEDED = [w for points in sweep.values() for w in points] + [w for _, _, w, _ in pg_points] + [dense]
@@ -111,27 +111,24 @@ def show_sweep() -> None:
         return
     for error in sorted({r["error"] for r in results.values() if "error" in r}):
         st.error(error)
-    fig = go.Figure()
     suffix = f" + {reconstruct}" if reconstruct != "none" else ""
+    series = []
     for m, points in sweep.items():
         ok = [(w.ratio, results[w]["ppl"]) for w in points if "ppl" in results[w]]
-        fig.add_scatter(x=[p[0] for p in ok], y=[p[1] for p in ok], mode="lines+markers", name=m + suffix)
-    symbols = {"pg": "star", "unstructured / N:M": "diamond", "reconstructed": "x"}
+        series.append(Series(m + suffix, [p[0] for p in ok], [p[1] for p in ok], mode="lines+markers"))
+    symbols = {"pg": "star", "unstructured / N:M": "diamond", "reconstructed": "cross"}
     for kind in dict.fromkeys(k for _, _, _, k in pg_points):
         stars = [(r, results[w]["ppl"], label) for r, label, w, k in pg_points if k == kind and "ppl" in results[w]]
         if stars:
-            name = "pg runs" if kind == "pg" else f"{kind} runs"
-            fig.add_scatter(x=[p[0] for p in stars], y=[p[1] for p in stars], mode="markers", name=name,
-                            text=[p[2] for p in stars], marker=dict(size=12, symbol=symbols.get(kind, "circle")))
-    if "ppl" in results[dense]:
-        # a trace, not add_hline(annotation_text=...): on a log axis that annotation is placed at 10**y
-        fig.add_scatter(x=[min(ratios), max(ratios)], y=[results[dense]["ppl"]] * 2, mode="lines", name="dense",
-                        line=dict(dash="dot", color="grey"))
-    fig.update_yaxes(type="log", exponentformat="power")
-    fig.update_layout(height=380, xaxis_title="ratio", yaxis_title="validation perplexity",
-                      margin=dict(l=10, r=10, t=30, b=10))
+            series.append(Series("pg runs" if kind == "pg" else f"{kind} runs", [p[0] for p in stars],
+                                 [p[1] for p in stars], mode="markers", symbol=symbols.get(kind, "circle"), size=7,
+                                 labels=[p[2] for p in stars]))
+    dense_ppl = results[dense].get("ppl")
+    svg = charts.line_chart(series, "Validation perplexity against ratio", "ratio", "validation perplexity",
+                            log_y=True, hlines=[(dense_ppl, "dense")] if dense_ppl else (), width=charts.WIDE,
+                            height=380, key="sweep")
     with st.container(key="sweep_chart"):
-        st.plotly_chart(fig, width="stretch")
+        draw(svg)
 
 
 with result_box:

@@ -27,7 +27,7 @@ ASSETS = REPO_ROOT / "assets"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
 WIDE, TALL = {"width": 1400, "height": 1000}, {"width": 1400, "height": 2600}
 LONG_MS = 900_000
-LOSS_POINT = ".st-key-loss_chart .scatterlayer path.point"  # a sample loss drawn (the axes come before it)
+LOSS_POINT = ".st-key-loss_chart svg .point"  # a sample loss drawn (the axes come before it)
 PG = PGConfig()  # the form's defaults
 
 
@@ -116,19 +116,19 @@ def screenshots(page, base: str, run_id: str) -> None:
     page.screenshot(path=str(ASSETS / "studio-model.png"))
     page.goto(f"{base}/compare")
     page.get_by_role("button", name="Generate", exact=True).click()
-    page.locator(".st-key-compare_table").wait_for(timeout=LONG_MS)
+    page.locator(".st-key-compare_table").first.wait_for(timeout=LONG_MS)  # a rerun may show two at once
     wait_for_app_idle(page, timeout=LONG_MS / 1000)
     page.screenshot(path=str(ASSETS / "studio-compare.png"), full_page=True)
     page.goto(f"{base}/whatif")
-    page.locator(".st-key-whatif_layers .main-svg").first.wait_for(timeout=LONG_MS)
+    page.locator(".st-key-whatif_layers svg.chart").first.wait_for(timeout=LONG_MS)
     page.get_by_role("button", name="Run sweep", exact=True).click()
-    page.locator(".st-key-sweep_chart .main-svg").first.wait_for(timeout=LONG_MS)
+    page.locator(".st-key-sweep_chart svg.chart").first.wait_for(timeout=LONG_MS)
     page.set_viewport_size({"width": 1400, "height": 1500})
-    page.wait_for_timeout(1000)  # Plotly redraws its charts for the new size
+    page.wait_for_timeout(300)  # the layout settles at the new size
     page.screenshot(path=str(ASSETS / "studio-whatif.png"))
     page.set_viewport_size(WIDE)
     page.goto(f"{base}/runs")
-    page.locator(".st-key-runs_table").wait_for(timeout=LONG_MS)
+    page.locator(".st-key-runs_table").first.wait_for(timeout=LONG_MS)
     wait_for_app_idle(page, timeout=LONG_MS / 1000)
     page.screenshot(path=str(ASSETS / "studio-runs.png"))
 
@@ -179,7 +179,7 @@ def main() -> None:
                 if args.screenshots:
                     wait_for_step(page, args.screenshot_steps)
                     page.set_viewport_size(TALL)
-                    page.wait_for_timeout(1500)  # Plotly redraws its charts for the new size
+                    page.wait_for_timeout(300)  # the layout settles at the new size
                     page.screenshot(path=str(ASSETS / "studio-prune.png"))
             stop_run(page)
             if i == len(cases) - 1:  # the same page once the run has stopped: rendering alone
@@ -188,24 +188,23 @@ def main() -> None:
                 rows.append({"measurement": f"a page without charts (Runs), to its title "
                                             f"(median of {args.repeats})",
                              "seconds": statistics.median(times), "all_s": times})
-        if args.screenshots:
+        load.append(os.getloadavg())
+        md = ("### Studio latency (headless Chromium, studio on localhost, same machine)\n\n"
+              + (f"Derived-data cache (token ids, calibration statistics) at the start: {cache_state}. "
+                 f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load[0])}, after "
+                 f"{tuple(round(x, 2) for x in load[1])}.\n\n")
+              + markdown_table(rows, ["measurement", "seconds", "first_step_s"],
+                               {"seconds": "{:.2f}", "first_step_s": "{:.2f}"})
+              + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
+                f"(defaults: K={PG.samples}, {PG.batch_size} x {PG.seqlen} tokens), after tokenising the corpus and, "
+                "for a metric initialisation, calibrating; it counts once a sample loss is drawn. Charts are inline "
+                "SVG drawn on the server (app_pages/charts.py): the browser loads no charting script. The page polls "
+                "the run every second. A refresh while a run goes shares the 2 cores with the run's forward passes; the same refresh once it has stopped is the rendering alone. A page "
+                "without charts is the floor: what Streamlit itself takes on this machine.")
+        write_results(args.name, {"rows": rows, "cache": cache_state, "load_average": load}, md)
+        if args.screenshots:  # after the results are written: a picture that fails loses no measurement
             screenshots(page, base, run_id)
         browser.close()
-    load.append(os.getloadavg())
-    md = ("### Studio latency (headless Chromium, studio on localhost, same machine)\n\n"
-          + (f"Derived-data cache (token ids, calibration statistics) at the start: {cache_state}. "
-             f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load[0])}, after "
-             f"{tuple(round(x, 2) for x in load[1])}.\n\n")
-          + markdown_table(rows, ["measurement", "seconds", "first_step_s"],
-                           {"seconds": "{:.2f}", "first_step_s": "{:.2f}"})
-          + "\n\nA run's first point needs its first step: the forward passes of K masks on one batch "
-            f"(defaults: K={PG.samples}, {PG.batch_size} x {PG.seqlen} tokens), after tokenising the corpus and, "
-            "for a metric initialisation, calibrating; it counts once a sample loss is drawn. The Prune page shows "
-            "empty axes while the first step runs, so the browser loads its charting code (Plotly, a 4.7 MB "
-            "script) meanwhile. The page polls the run every second. A refresh while a run goes shares the 2 cores "
-            "with the run's forward passes; the same refresh once it has stopped is the rendering alone. A page "
-            "without charts is the floor: what Streamlit itself takes on this machine.")
-    write_results(args.name, {"rows": rows, "cache": cache_state, "load_average": load}, md)
     watch.assert_clean()  # after the results are written: nothing off localhost, no console error
 
 

@@ -143,7 +143,7 @@ def settled(page, timeout_s: float | None = None) -> str:
     method = page.get_by_label("Metric", exact=True).input_value()
     granularity = page.get_by_label("Granularity", exact=True).input_value()
     wanted = f"({method}, ratio {current_ratio(page):.2f}, {granularity})"
-    chart = page.locator(".st-key-whatif_layers .gtitle").filter(has_text=wanted).first
+    chart = page.locator(".st-key-whatif_layers svg .title").filter(has_text=wanted).first
     chart.wait_for(timeout=timeout_s * 1000)
     expect(page.locator(".st-key-whatif_working")).to_have_count(0, timeout=timeout_s * 1000)
     wait_for_app_idle(page, timeout=timeout_s)

@@ -73,7 +73,7 @@ def test_pure_math_imports_only_torch_and_other_pure_modules():
 def test_the_library_never_imports_the_ui_or_the_tests():
     for name in MODULES:
         roots = {m.split(".")[0] for m in imports(name)}
-        assert not roots & {"streamlit", "app_pages", "tests", "plotly"}, name
+        assert not roots & {"streamlit", "app_pages", "tests"}, name
 
 
 def test_architecture_names_live_in_the_adapters():

@@ -148,7 +148,7 @@ def test_studio_full_flow(page, watch, screenshot):
         snap = wait_for_snapshot_increase(page, -1, STEP_S)
     snap = wait_for_snapshot_increase(page, snap, STEP_S * 2)
     snap = wait_for_snapshot_increase(page, snap, STEP_S * 2)
-    expect(page.locator(".st-key-loss_chart").locator(".js-plotly-plot, .main-svg").first).to_be_attached()
+    expect(page.locator(".st-key-loss_chart").locator("svg.chart").first).to_be_attached()
     expect(status).to_contain_text(re.compile(r"is\s+running"))
 
     # ---- pause: the step stands still ----
