@@ -149,6 +149,10 @@ def test_studio_full_flow(page, watch, screenshot):
     snap = wait_for_snapshot_increase(page, snap, STEP_S * 2)
     snap = wait_for_snapshot_increase(page, snap, STEP_S * 2)
     expect(page.locator(".st-key-loss_chart").locator("svg.chart").first).to_be_attached()
+    # the page's markdown keeps the SVG whole: hover titles, and text decoded from its character references
+    expect(page.locator(".st-key-heads_heatmap svg.chart title").first).to_have_text(
+        re.compile(r"^layer 0, head unit 0: \d\.\d{3}$"))
+    expect(page.locator(".st-key-loss_chart svg.chart text.title").first).to_have_text("Loss of sampled masks")
     expect(status).to_contain_text(re.compile(r"is\s+running"))
 
     # ---- pause: the step stands still ----
