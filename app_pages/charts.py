@@ -14,7 +14,7 @@ from typing import Sequence
 
 # the viewBox, in px at which text is drawn at its size: the chart scales to its column's width, text
 # with it, so a chart's width is about that of where it is shown (WIDTH: half the page, WIDE: all of it)
-WIDTH, WIDE, HEIGHT = 560, 1100, 300
+WIDTH, WIDE, HEIGHT = 480, 960, 300
 LEFT, RIGHT, TOP, BOTTOM = 62, 18, 34, 40  # plot margins: y tick labels, title, x tick labels and axis title
 LEGEND_ROW = 18
 SMALL = 11  # font size of labels
