@@ -209,14 +209,16 @@ def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str, *
                width: float = WIDTH, height: float = HEIGHT, key: str = "line") -> str:
     """Lines and/or markers of every series on shared axes; `hlines`: dashed reference lines (y, label).
     Points that are None, not finite, or not positive on a log axis are left out (lines break there)."""
-    points = [[p for segment in _segments(s, log_y) for p in segment] for s in series]
+    drawable = [[(x, y, label)  # per series, the points drawn: (x, y, hover label)
+                 for x, y, label in zip(s.x, s.y, s.labels if s.labels is not None else [None] * len(s.x))
+                 if _finite(y, log_y) and x is not None] for s in series]
     legend = [(s.name, s.color or PALETTE[i % len(PALETTE)],
                f"marker:{s.symbol}" if s.mode == "markers" else ("dash" if s.dash else "line"))
               for i, s in enumerate(series)]
     legend_parts, legend_h = _legend(legend, 0, width)
     bottom = height - BOTTOM - legend_h
-    xs_all = [x for p in points for x, _ in p]
-    ys_all = [y for p in points for _, y in p] + [y for y, _ in hlines if _finite(y, log_y)]
+    xs_all = [x for shown in drawable for x, _, _ in shown]
+    ys_all = [y for shown in drawable for _, y, _ in shown] + [y for y, _ in hlines if _finite(y, log_y)]
     x_lo, x_hi = (min(xs_all), max(xs_all)) if xs_all else (0.0, 1.0)
     if x_lo == x_hi:
         x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
@@ -228,12 +230,11 @@ def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str, *
     parts = _frame(title, xlabel, ylabel, bottom, width)
     parts += _axes(xs, ys, xticks, yticks, [power_label(v) if log_y else number(v) for v in yticks], bottom,
                    width)
+
     def tip(name: str, x: float, y: float, label: str | None) -> str:
         return text(f"{name}: {label + ', ' if label else ''}{xlabel} {number(x)}, {number(y)}")
 
-    for (name, color, _), s in zip(legend, series):
-        labels = list(s.labels) if s.labels is not None else [None] * len(s.x)
-        shown = [(x, y, label) for x, y, label in zip(s.x, s.y, labels) if _finite(y, log_y) and x is not None]
+    for (name, color, _), s, shown in zip(legend, series, drawable):
         if "lines" in s.mode:
             dash = ' stroke-dasharray="5 4"' if s.dash else ""
             for segment in _segments(s, log_y):
@@ -373,7 +374,7 @@ def heatmap(matrix, title: str, xlabel: str, ylabel: str = "layer", *, zmin: flo
         parts.append(f'<rect x="{bar_x}" y="{TOP + k * bh:.2f}" width="12" height="{bh + 0.3:.2f}" '
                      f'fill="{viridis(1 - (k + 0.5) / steps)}"/>')
     for v in nice_ticks(zmin, zmax, 4):
-        y = bottom - (v - zmin) / ((zmax - zmin) or 1) * (bottom - TOP)
+        y = bottom - (v - zmin) / span * (bottom - TOP)
         parts.append(f'<text x="{bar_x + 16}" y="{y + 4:.1f}" font-size="{SMALL}" fill="currentColor" '
                      f'opacity="0.75">{text(number(v))}</text>')
     parts.append(f'<text x="{bar_x}" y="{TOP - 6}" font-size="{SMALL}" fill="currentColor" '

@@ -199,8 +199,9 @@ def main() -> None:
                 f"(defaults: K={PG.samples}, {PG.batch_size} x {PG.seqlen} tokens), after tokenising the corpus and, "
                 "for a metric initialisation, calibrating; it counts once a sample loss is drawn. Charts are inline "
                 "SVG drawn on the server (app_pages/charts.py): the browser loads no charting script. The page polls "
-                "the run every second. A refresh while a run goes shares the 2 cores with the run's forward passes; the same refresh once it has stopped is the rendering alone. A page "
-                "without charts is the floor: what Streamlit itself takes on this machine.")
+                "the run every second. A refresh while a run goes shares the 2 cores with the run's forward passes; "
+                "the same refresh once it has stopped is the rendering alone. A page without charts is the floor: "
+                "what Streamlit itself takes on this machine.")
         write_results(args.name, {"rows": rows, "cache": cache_state, "load_average": load}, md)
         if args.screenshots:  # after the results are written: a picture that fails loses no measurement
             screenshots(page, base, run_id)

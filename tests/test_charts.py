@@ -141,6 +141,7 @@ def test_bar_heights_are_proportional():
 
 def test_empty_data_draws_empty_axes():
     """A run's page before its first step, a layer-by-layer run before its first layer."""
-    for svg in (charts.line_chart([], "t", "x", "y", log_y=True), charts.line_chart([Series("s", [], [])], "t", "x", "y"),
+    for svg in (charts.line_chart([], "t", "x", "y", log_y=True),
+                charts.line_chart([Series("s", [], [])], "t", "x", "y"),
                 charts.bar_chart([], {"a": []}, "t", "x", "y"), charts.heatmap([], "t", "x")):
         assert parse(svg).find(f"{NS}text").text == "t"
