@@ -3,8 +3,8 @@
 Speed: a PG step (K masks sampled, their forwards, gradient, projection) is timed interleaved, in
 one loop, with K plain no-grad forwards of the dense model on the same (B, T) batch, with one
 plain forward of the K*B batch, and with the step's forwards alone (`sample_losses`); medians and
-IQRs over the repeats. The step runs with the default `forward_mode` (gathered: each mask on only
-its kept weights) unless --forward-mode says otherwise.
+IQRs over the repeats. The step runs with the default `forward_mode` (auto: gathered on a CPU, each
+mask on only its kept weights; masked on CUDA) unless --forward-mode says otherwise.
 
 Compute skipping: at expected kept fractions from 0.9 to 0.1 (pruning ratio 1 - f, random init
 projected onto the budget), a gathered step and a masked step (the same seed, so the same masks)
@@ -45,7 +45,7 @@ import torch
 
 from bench.common import markdown_table, write_results
 from pruner.evaluate import token_nll, window_losses
-from pruner.gathered import FORWARD_MODES
+from pruner.gathered import FORWARD_MODES, resolve_forward_mode
 from pruner.masking import masked, stack_masks
 from pruner.models import load_model
 from pruner.methods.pg import build_run
@@ -141,7 +141,7 @@ def mask_setup(run: PGRun, masks: torch.Tensor) -> None:
     gathered: per mask, the kept rows and columns of every layer copied and swapped in, then out."""
     n_h, b = len(run.s_h), run.config.batch_size
     per_mask = [run.space.unflatten(m[:n_h], m[n_h:]) for m in masks]
-    if run.config.forward_mode == "gathered":
+    if run.forward_mode == "gathered":
         for mask in per_mask:
             with run._under(mask):
                 pass
@@ -237,7 +237,7 @@ def skipping_markdown(rows: list[dict], args, device: str) -> list[str]:
     lines = [f"### Compute skipping: step cost against kept fraction ({args.model}, {device}, B={args.batch_size}, "
              f"T={args.seqlen}, K={args.samples}, {torch.get_num_threads()} torch thread(s))", "",
              "Medians over interleaved repeats, seconds. `gathered`: each sampled mask runs on only its kept "
-             "weights (`forward_mode=gathered`, the default); `masked`: all K masks in one batched forward of the "
+             "weights (`forward_mode=gathered`, the default on a CPU); `masked`: all K masks in one batched forward of the "
              "full model. `paired`: median of per-repeat ratios gathered step / K forwards. `matmul share`: the "
              "dense forward's weight-matmul FLOPs left at that kept fraction (decoder linears x f, LM head whole), "
              "the ideal ratio. `max loss gap`: the largest difference between the gathered and the masked "
@@ -536,6 +536,7 @@ def main() -> None:
 
     loaded = load_model(args.model, device=args.device, dtype="fp32")
     device = str(loaded.device)
+    args.forward_mode = resolve_forward_mode(args.forward_mode, loaded.device)
     auto = "bf16" if loaded.device.type == "cuda" else "fp32"
     load_before = os.getloadavg()
     base = make_run(loaded, args, auto)

@@ -22,23 +22,25 @@ import torch
 
 from bench.common import markdown_table, mean_std, run_jobs, write_results
 
-# name -> PGConfig overrides on top of the base. "reference" is the paper's recipe (its estimator,
-# moving baseline, separate budgets) with this project's FLAP start and bias compensation.
+# name -> PGConfig overrides on top of the base (the defaults: FLAP start, antithetic pairs scored with
+# DisARM, which ignores the baseline knob, separate budgets, bias compensation). Listed longest first:
+# jobs start in this order.
 VARIANTS = {
-    "reference": {},
-    "joint budget": {"budget": "joint"},
-    "leave-one-out": {"baseline": "loo"},
-    "exact estimator": {"estimator": "exact"},
-    "K=4, half the steps": {"samples": 4, "steps": 0.5},
     "twice the steps": {"steps": 2.0},
+    "K=8": {"samples": 8},
+    "default": {},
+    "independent, leave-one-out": {"sampling": "independent", "baseline": "loo"},
+    "exact estimator": {"estimator": "exact"},
+    "joint budget": {"budget": "joint"},
     "lr x3": {"lr": 3.0},
+    "lr x10": {"lr": 10.0},
     "lr /3": {"lr": 1 / 3},
-    "init wanda-sp": {"init_metric": "wanda-sp"},
     "init taylor": {"init_metric": "taylor"},
+    "init wanda-sp": {"init_metric": "wanda-sp"},
     "no bias compensation": {"bias_compensation": False},
-    "joint + leave-one-out": {"budget": "joint", "baseline": "loo"},
-    "joint + leave-one-out + lr x3": {"budget": "joint", "baseline": "loo", "lr": 3.0},
 }
+# The metrics alone, no search, on the same calibration windows: what a search has to beat.
+STARTS = ("flap", "taylor")
 SCALED = ("steps", "lr")  # variant values for these multiply the base value
 
 
@@ -49,6 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--starts", nargs="*", default=list(STARTS), choices=list(STARTS),
+                    help="metrics evaluated alone beside the searches (not candidates)")
     ap.add_argument("--base", default="{}", help="JSON of PGConfig overrides shared by every variant")
     ap.add_argument("--granularity", default="auto")
     ap.add_argument("--calib-windows", type=int, default=128)
@@ -91,20 +95,24 @@ def do_job(state, job: dict) -> dict:
     if state["windows"] is None:
         state["windows"] = corpus_windows(loaded.tokenizer, job["data"], "validation", 128, job["val_windows"])
     t0 = time.perf_counter()
-    config = PruneConfig(method="pg", ratio=job["ratio"], granularity=job["granularity"], data=job["data"],
-                         seed=job["seed"], calib_windows=job["calib_windows"], pg=PGConfig(**job["pg"]))
+    search = "pg" in job
+    config = PruneConfig(method="pg" if search else job["variant"], ratio=job["ratio"], granularity=job["granularity"],
+                         data=job["data"], seed=job["seed"], calib_windows=job["calib_windows"],
+                         pg=PGConfig(**job["pg"]) if search else PGConfig())
     pruned, _, report = prune(loaded, config)
     row = {k: job[k] for k in ("variant", "ratio", "seed")} | {
         "val_ppl@128": perplexity(pruned, state["windows"], batch_size=64)["ppl"],
         "achieved_ratio": report["achieved_ratio"], "wall_time_s": time.perf_counter() - t0,
-        "search_curve": report["pg"]["validation_ppl"]}
+        "search_curve": report["pg"]["validation_ppl"] if search else None}
     print(json.dumps({k: v for k, v in row.items() if k != "search_curve"}), flush=True)
     return row
 
 
 def summarize(rows, args) -> tuple[list[dict], str | None]:
+    """Mean and std per (variant or start, ratio); the chosen variant has the lowest mean log
+    validation perplexity over the ratios (starts are shown, never chosen)."""
     table = []
-    for variant in args.variants:
+    for variant in [*args.variants, *args.starts]:
         for ratio in args.ratios:
             vals = [r["val_ppl@128"] for r in rows if r["variant"] == variant and r["ratio"] == ratio]
             if vals:
@@ -123,13 +131,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     base = json.loads(args.base)
     configs = {v: variant_config(base, VARIANTS[v]) for v in args.variants}
-    jobs = [{"variant": v, "ratio": r, "seed": s, "pg": configs[v], "data": args.data, "granularity": args.granularity,
-             "calib_windows": args.calib_windows, "val_windows": args.val_windows}
+    common = {"data": args.data, "granularity": args.granularity, "calib_windows": args.calib_windows,
+              "val_windows": args.val_windows}
+    jobs = [{**common, "variant": v, "ratio": r, "seed": s, "pg": configs[v]}
             for s in args.seeds for r in args.ratios for v in args.variants]
+    jobs += [{**common, "variant": m, "ratio": r, "seed": s} for s in args.seeds for r in args.ratios for m in args.starts]
 
     def save(rows):
         table, chosen = summarize(rows, args)
-        shown = [{**e, "val_ppl@128": f"{e['val_ppl@128']:.1f} ± {e['std']:.1f}"} for e in table]
+        shown = [{**e, "variant": e["variant"] + (" (no search)" if e["variant"] in args.starts else ""),
+                  "val_ppl@128": f"{e['val_ppl@128']:.1f} ± {e['std']:.1f}"} for e in table]
         md = (markdown_table(shown, ["variant", "ratio", "seeds", "val_ppl@128"])
               + f"\n\nChosen (lowest mean log validation perplexity over the ratios): **{chosen}** = "
               f"`{json.dumps(VARIANTS.get(chosen, {}))}` on top of the base `{json.dumps(base)}`. "

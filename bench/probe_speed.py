@@ -18,29 +18,15 @@ import copy
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench.common import markdown_table, write_results
+from bench.common import SHAPES, markdown_table, random_llama, write_results
 from pruner import probe_math as pm
 from pruner.adapters import adapter_for
 from pruner.models import LoadedModel, pick_device, pick_dtype
 from pruner.probe import ProbeConfig, ProbePruner, collect_history, evaluate_dynamic
 
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256),
-}
-
-
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, seqlen: int):
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seqlen, 2048))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = random_llama(shape, device, dtype, max(seqlen, 2048))
     return LoadedModel(model, None, adapter_for(model), f"random {shape}", device, dtype)
 
 

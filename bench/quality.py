@@ -9,11 +9,16 @@ Two domains: "brown" (calibrate and search on Brown train, evaluate on Brown tes
 "cross-genre" (calibrate and search on the informative genres' train documents, evaluate on the
 imaginative genres' test documents, never seen: see pruner.corpus.BROWN_GENRES).
 
-    python -m bench.quality --ratios 0.2 0.3 0.4 0.5 --seeds 0 1 2 --workers 12 \\
-        --pg '{"steps": 1000, "batch_size": 8}' --name quality_gpu
+    python -m bench.quality --methods flap taylor pg-init pg-random --workers 3 \\
+        --pg-from bench/results/pg_tuning_gpu.json \\
+        --reuse bench/results/quality_gpu_metrics.json bench/results/quality_gpu_taylor.json --name quality_gpu
 
 Jobs run in `--workers` processes (each loads the model once): on one GPU a 135M model leaves
-most of the device idle, so several searches share it.
+most of the device idle, so a few searches share it. Three at a time on an H200 took about 25 s each
+for 300 steps of 8 sequences (one alone: 0.053 s a step); twelve timing processes side by side, with
+no thread limit, slowed each step about 90 times. `--reuse` takes the rows of the deterministic jobs
+(dense and the metrics, per method, ratio, seed and domain) from earlier result files run with the
+same settings, instead of running them again: they reproduce to the last digit.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--pg", default="{}", help="JSON of PGConfig overrides, e.g. '{\"steps\": 1000}'")
     ap.add_argument("--pg-from", default=None, metavar="JSON",
                     help="start from the setting a bench.pg_tuning result chose on validation (--pg on top)")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
+                    help="earlier bench.quality results whose dense and metric rows stand in for those jobs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
@@ -141,6 +148,28 @@ def jobs_for(args, methods, pg: dict, init_metric: dict | None = None) -> list[d
     return jobs
 
 
+SAME_SETTINGS = ("model", "granularity", "calib_windows", "seqlens", "max_windows", "val_windows")
+
+
+def reused_rows(args) -> list[dict]:
+    """Dense and metric rows of earlier result files run with the same settings (SAME_SETTINGS);
+    a file run with other settings is refused, since its rows would not be comparable."""
+    rows = {}
+    for path in args.reuse:
+        earlier = json.loads(open(path).read())
+        differ = [k for k in SAME_SETTINGS if earlier["args"].get(k) != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"--reuse {path}: run with other {', '.join(differ)}")
+        for row in earlier["rows"]:
+            if row["method"] == "dense" or row["method"] in METRICS:
+                rows[job_key(row)] = row
+    return list(rows.values())
+
+
+def job_key(job: dict) -> tuple:
+    return job["method"], job["ratio"], job["seed"], job["domain"]
+
+
 def best_metrics(rows, args) -> dict:
     """Per (domain, ratio): the metric with the lowest mean VALIDATION perplexity (the pg-init start)."""
     out = {}
@@ -220,8 +249,12 @@ def main(argv=None) -> None:
                       markdown(table, args, pg))
 
     metrics = [m for m in args.methods if m in METRICS]
-    first = run_jobs(jobs_for(args, ["dense", *metrics], pg), init, do_job, args.workers, save, args.deadline_s)
-    rows += first
+    planned = jobs_for(args, ["dense", *metrics], pg)
+    keys = {job_key(job) for job in planned}
+    rows += [row for row in reused_rows(args) if job_key(row) in keys]
+    done = {job_key(row) for row in rows}
+    rows += run_jobs([job for job in planned if job_key(job) not in done], init, do_job, args.workers, save,
+                     args.deadline_s)
     choice = best_metrics(rows, args)
     remaining = None if args.deadline_s is None else max(0.0, args.deadline_s - (time.time() - start))
     searches = [m for m in args.methods if m.startswith("pg")]

@@ -33,10 +33,20 @@ from .dispatch import model_device
 from .masking import expand_unit_mask, layer_hooks
 from .space import Mask, PruningSpace
 
-FORWARD_MODES = ("gathered", "masked")
+FORWARD_MODES = ("auto", "gathered", "masked")
 # Gathered MLPs compute a multiple of this many channels (padded with removed ones, their down
 # columns zero): on this project's CPU a product 576 -> 771 took 1.4x as long as 576 -> 784.
 CHANNEL_MULTIPLE = 16
+
+
+def resolve_forward_mode(mode: str, device: torch.device) -> str:
+    """`auto` -> masked on CUDA, gathered elsewhere: a step of K = 2 masks x 8 x 128 tokens took
+    0.053 s masked against 0.131 s gathered at SmolLM2-135M's shapes on an H200, and 0.106 s against
+    0.205 s at LLaMA-2-7B's (bench/results/pg_scale_gpu_smollm2.md, pg_scale_gpu_modes.md), while on the
+    2-core CPU gathered took 0.71x of K dense forwards and masked 1.10x (pg_speed_skipping.md)."""
+    if mode == "auto":
+        return "masked" if torch.device(device).type == "cuda" else "gathered"
+    return mode
 
 
 def compensation_bias(weight: Tensor, fill: Tensor, channel_mask: Tensor) -> Tensor:

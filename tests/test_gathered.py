@@ -137,3 +137,20 @@ def pg_math_masks(run, k: int) -> torch.Tensor:
     from pruner import pg_math
 
     return pg_math.sample_masks(torch.cat([run.s_h, run.s_c]), k, torch.Generator().manual_seed(3)).float()
+
+
+def test_auto_forward_mode_is_gathered_on_a_cpu_and_masked_on_cuda():
+    """The default forward mode resolves per device, and the search runs the resolved one."""
+    from test_pg import make_run
+
+    from pruner.gathered import resolve_forward_mode
+    from pruner.pg.config import PGConfig
+
+    assert PGConfig().forward_mode == "auto"
+    assert resolve_forward_mode("auto", torch.device("cpu")) == "gathered"
+    assert resolve_forward_mode("auto", torch.device("cuda")) == "masked"
+    assert resolve_forward_mode("auto", "cuda:1") == "masked"
+    assert resolve_forward_mode("masked", torch.device("cpu")) == "masked"
+    assert resolve_forward_mode("gathered", torch.device("cuda")) == "gathered"
+    assert make_run().forward_mode == "gathered"
+    assert make_run(forward_mode="masked").forward_mode == "masked"

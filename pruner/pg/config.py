@@ -66,10 +66,11 @@ class PGConfig:
     forward_dtype: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls were several times "
                                       "slower on the CPUs measured)", "Forward dtype", choices=FORWARD_DTYPES,
                               advanced=True)
-    forward_mode: str = knob("gathered", "gathered: each sampled mask runs on only the weights it keeps (a mask "
-                                         "keeping a fraction f costs about f of the decoder-linear compute); "
-                                         "masked: all K masks in one batched forward of the full model, masks "
-                                         "multiplying activations (the reference). Same losses",
+    forward_mode: str = knob("auto", "gathered: each sampled mask runs on only the weights it keeps (a mask "
+                                     "keeping a fraction f costs about f of the decoder-linear compute); "
+                                     "masked: all K masks in one batched forward of the full model, masks "
+                                     "multiplying activations (the reference); auto: masked on CUDA, gathered "
+                                     "elsewhere (the faster of the two where measured). Same losses",
                              "Forward", choices=FORWARD_MODES, advanced=True)
     bias_compensation: bool = knob(True, "score each sampled mask, and save the result, with FLAP's bias "
                                          "compensation: removed channels take their calibration means (off: the "

@@ -29,7 +29,7 @@ from ..budget import hard_mask, keep_fraction, project_probs
 from ..dispatch import model_device
 from ..errors import PrunerError
 from ..evaluate import window_losses
-from ..gathered import gathered
+from ..gathered import gathered, resolve_forward_mode
 from ..masking import masked, stack_masks
 from ..space import Mask, PruningSpace
 from ..windows import text_length, with_bos
@@ -141,9 +141,14 @@ class PGRun:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @property
+    def forward_mode(self) -> str:
+        """The config's forward mode with `auto` resolved for this run's device."""
+        return resolve_forward_mode(self.config.forward_mode, self.device)
+
     def _under(self, mask: Mask):
         """The forward of one (unbatched) mask as the config says: gathered or masked."""
-        run_on = gathered if self.config.forward_mode == "gathered" else masked
+        run_on = gathered if self.forward_mode == "gathered" else masked
         return run_on(self.model, self.adapter, self.space, mask, self.fill)
 
     @torch.no_grad()
@@ -158,7 +163,7 @@ class PGRun:
         ids = batch.to(self.device)
         table = torch.zeros(k * b, dtype=torch.float64)
         mine = list(self.group.share(k * b))  # pair i: mask i // b on sequence i % b
-        if mine and self.config.forward_mode == "gathered":
+        if mine and self.forward_mode == "gathered":
             for j in sorted({i // b for i in mine}):
                 rows = [i for i in mine if i // b == j]
                 with self._autocast(), self._under(per_mask[j]):
