@@ -135,6 +135,12 @@ def run_jobs(jobs: list[dict], init, work, workers: int = 1, on_row=None, deadli
     return rows
 
 
+def print_row(row: dict) -> None:
+    """One result row as a JSON line of its own: progress bars end their lines with carriage returns
+    on stderr, so the row starts with a newline to be found by `grep '^{'` in a combined log."""
+    print("\n" + json.dumps(row), flush=True)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     n = len(values)

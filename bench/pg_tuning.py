@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import markdown_table, mean_std, run_jobs, write_results
+from bench.common import markdown_table, mean_std, print_row, run_jobs, write_results
 
 # name -> PGConfig overrides on top of the base (the defaults: FLAP start, antithetic pairs scored with
 # DisARM, which ignores the baseline knob, separate budgets, bias compensation). Listed longest first:
@@ -104,7 +104,7 @@ def do_job(state, job: dict) -> dict:
         "val_ppl@128": perplexity(pruned, state["windows"], batch_size=64)["ppl"],
         "achieved_ratio": report["achieved_ratio"], "wall_time_s": time.perf_counter() - t0,
         "search_curve": report["pg"]["validation_ppl"] if search else None}
-    print(json.dumps({k: v for k, v in row.items() if k != "search_curve"}), flush=True)
+    print_row({k: v for k, v in row.items() if k != "search_curve"})
     return row
 
 

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from bench.common import markdown_table, mean_std, run_jobs, write_results
+from bench.common import markdown_table, mean_std, print_row, run_jobs, write_results
 
 METRICS = ("magnitude", "wanda-sp", "flap", "taylor")
 DETERMINISTIC = {"magnitude"}
@@ -116,7 +116,7 @@ def do_job(state, job: dict) -> dict:
         row["pg_validation_ppl"] = report["pg"]["validation_ppl"]
     if job.get("init_metric"):
         row["init_metric"] = job["init_metric"]
-    print(json.dumps({k: v for k, v in row.items() if k != "pg_validation_ppl"}), flush=True)
+    print_row({k: v for k, v in row.items() if k != "pg_validation_ppl"})
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import torch
 
-from bench.common import markdown_table, write_results
+from bench.common import markdown_table, print_row, write_results
 from pruner.config import PruneConfig
 from pruner.evaluate import perplexity
 from pruner.models import load_model
@@ -121,7 +120,7 @@ def main() -> None:
         rows.append(row)
         if "weight_update" in result:
             per_layer[f"{row['method']}@{row['setting']}@{row['reconstruct']}"] = result["weight_update"]["per_layer"]
-        print(json.dumps(row), flush=True)
+        print_row(row)
         write_report(rows, per_layer, args)
 
     settings = [(s, "unstructured", f"{round(100 * s)}%") for s in args.sparsities]
