@@ -32,6 +32,7 @@ VARIANTS = {
     "independent, leave-one-out": {"sampling": "independent", "baseline": "loo"},
     "exact estimator": {"estimator": "exact"},
     "joint budget": {"budget": "joint"},
+    "mask start, joint budget": {"init": "mask", "budget": "joint"},
     "lr x3": {"lr": 3.0},
     "lr x10": {"lr": 10.0},
     "lr /3": {"lr": 1 / 3},
@@ -39,8 +40,11 @@ VARIANTS = {
     "init wanda-sp": {"init_metric": "wanda-sp"},
     "no bias compensation": {"bias_compensation": False},
 }
-# The metrics alone, no search, on the same calibration windows: what a search has to beat.
-STARTS = ("flap", "taylor")
+# Masks without a search, on the same calibration windows: the metrics alone (what a search has to
+# beat) and "search start", the hard mask of the base setting's initial probabilities (one step at a
+# learning rate too small to change it), which tells the start's share of a search's result.
+STARTS = ("flap", "taylor", "search start")
+START_OF_SEARCH = {"steps": 1, "lr": 1e-8}
 SCALED = ("steps", "lr")  # variant values for these multiply the base value
 
 
@@ -50,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="brown")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--starts", nargs="*", default=list(STARTS), choices=list(STARTS),
                     help="metrics evaluated alone beside the searches (not candidates)")
     ap.add_argument("--base", default="{}", help="JSON of PGConfig overrides shared by every variant")
@@ -135,7 +139,10 @@ def main(argv=None) -> None:
               "val_windows": args.val_windows}
     jobs = [{**common, "variant": v, "ratio": r, "seed": s, "pg": configs[v]}
             for s in args.seeds for r in args.ratios for v in args.variants]
-    jobs += [{**common, "variant": m, "ratio": r, "seed": s} for s in args.seeds for r in args.ratios for m in args.starts]
+    starts = {m: ({"pg": {**variant_config(base, {}), **START_OF_SEARCH}} if m == "search start" else {})
+              for m in args.starts}
+    jobs += [{**common, "variant": m, "ratio": r, "seed": s, **starts[m]}
+             for s in args.seeds for r in args.ratios for m in args.starts]
 
     def save(rows):
         table, chosen = summarize(rows, args)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 ESTIMATORS = ("reference", "exact")
 BASELINES = ("moving", "loo", "none")
-INITS = ("sigmap", "const", "norm", "random")
+INITS = ("sigmap", "const", "norm", "mask", "random")
 SAMPLINGS = ("independent", "antithetic")
 
 
@@ -159,6 +159,11 @@ def init_probs(metric: Tensor, keep: float, method: str = "sigmap", const: float
     sigmap: z = standardised metric; s = clip(sigmoid(z) - mean(sigmoid(z)) + keep, 0, 1)
     const:  c for the top keep-fraction units, 1 - c for the rest
     norm:   min-max to [0, 1], then shift the mean to keep, clipped
+    mask:   `metric` holds a method's own keep decisions (1 kept, 0 removed), so the search starts
+            from that method's mask (its allocation across layers and kinds); with d = 2c - 1,
+            s = keep + (1 - keep) d where kept and keep - keep d where removed (c and 1 - c at
+            keep 0.5): the mean is keep when the mask keeps that fraction, so projecting onto the
+            budget hardly moves s and kept units stay above removed ones
     random: uniform(0, 1) shifted to mean keep, clipped (the metric is ignored)
     """
     metric = metric.double()
@@ -172,6 +177,9 @@ def init_probs(metric: Tensor, keep: float, method: str = "sigmap", const: float
         if n_keep:
             s[torch.topk(metric, n_keep).indices] = const
         return s
+    if method == "mask":
+        d = 2 * const - 1
+        return torch.where(metric > 0.5, keep + (1 - keep) * d, keep - keep * d).double()
     if method == "norm":
         span = metric.max() - metric.min()
         x = (metric - metric.min()) / span if span > 0 else torch.full_like(metric, 0.5)

@@ -84,6 +84,31 @@ def test_flap_matches_a_plain_reimplementation_of_its_reference(corpus):
         assert selection.compensate
 
 
+@pytest.mark.parametrize("metric", ["flap", "taylor"])
+def test_the_mask_init_starts_the_search_at_the_metric_methods_own_mask(corpus, metric):
+    """init=mask with the joint budget: the search's first hard mask keeps every unit the method's
+    mask keeps (its allocation across layers and between heads and channels), topped up with removed
+    units only as far as the budget allows where the method removed more than the ratio."""
+    from pruner.budget import achieved_ratio
+    from pruner.methods.pg import build_run
+    from pruner.pg.config import PGConfig
+
+    loaded = tiny_loaded("llama")
+    for ratio in (0.2, 0.4):
+        pg = PGConfig(init="mask", init_metric=metric, budget="joint", seqlen=16, eval_windows=2, steps=1)
+        config = PruneConfig(method="pg", ratio=ratio, granularity="kv_group", data=corpus, calib_windows=6,
+                             calib_seqlen=16, pg=pg)
+        space, own = select(loaded, dataclasses.replace(config, method=metric))
+        run = build_run(loaded, space, config)
+        start = run.current_mask()
+        flat = lambda m: torch.cat([u.flatten() for u in m.heads + m.channels]).bool()  # noqa: E731
+        kept, started = flat(own.mask), flat(start)
+        assert started[kept].all(), ratio
+        assert achieved_ratio(space, own.mask) >= achieved_ratio(space, start) >= ratio - 0.02, ratio
+        s = torch.cat([run.s_h, run.s_c])
+        assert float(s[kept].min()) > float(s[~kept].max()), ratio
+
+
 def test_flap_scores_standardise_per_layer_and_average_channels():
     """A head's score is the mean of its channels' per-layer z-scores (not a sum, not over all layers)."""
     loaded = tiny_loaded("qwen2")

@@ -222,6 +222,12 @@ def test_schedule_and_inits():
     assert c.tolist() == [pytest.approx(0.1)] * 3 + [pytest.approx(0.9)] * 7
     n = pg_math.init_probs(metric, 0.5, "norm")
     torch.testing.assert_close(n, torch.linspace(0, 1, 10, dtype=torch.float64))
+    kept = torch.tensor([1.0, 0, 0, 1, 1, 0, 1, 1, 1, 1])  # a method's own mask
+    m = pg_math.init_probs(kept, 0.7, "mask", const=0.8)  # d = 0.6: 0.7 + 0.3 d, 0.7 - 0.7 d
+    assert m.tolist() == [pytest.approx(0.88 if k else 0.28) for k in kept.tolist()]
+    assert float(m.mean()) == pytest.approx(0.7)  # the mask keeps 7 of 10: already at the budget
+    assert pg_math.init_probs(kept, 0.5, "mask", const=0.9).tolist() == [
+        pytest.approx(0.9 if k else 0.1) for k in kept.tolist()]
     r = pg_math.init_probs(metric, 0.5, "random", generator=torch.Generator().manual_seed(0))
     assert float(r.mean()) == pytest.approx(0.5, abs=0.05)
     assert pg_math.entropy(torch.tensor([0.5])) == pytest.approx(math.log(2))

@@ -19,8 +19,7 @@ from ..windows import bos_id, corpus_ids, corpus_windows
 from . import flap, magnitude, taylor, wanda_sp
 from .base import Method, Selection, UnitScores
 
-INIT_SCORES: dict[str, Callable] = {"flap": flap.unit_scores, "wanda-sp": wanda_sp.unit_scores,
-                                    "taylor": taylor.unit_scores, "magnitude": magnitude.unit_scores}
+INIT_METHODS: dict[str, Method] = {m.name: m for m in (flap.METHOD, wanda_sp.METHOD, taylor.METHOD, magnitude.METHOD)}
 
 
 def settings_of(loaded, config) -> dict:
@@ -37,8 +36,11 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None,
                              bos_id(loaded.tokenizer))
     valid = corpus_windows(loaded.tokenizer, config.data, "validation", pg.seqlen, pg.eval_windows)
     init_scores: UnitScores | None = None
-    if pg.init != "random":
-        init_scores = INIT_SCORES[pg.init_metric](loaded, space, config)
+    if pg.init == "mask":  # the metric method's own mask at this ratio, as 1 kept / 0 removed
+        mask = INIT_METHODS[pg.init_metric].select(loaded, space, config).mask
+        init_scores = [h.float() for h in mask.heads], [c.float() for c in mask.channels]
+    elif pg.init != "random":
+        init_scores = INIT_METHODS[pg.init_metric].unit_scores(loaded, space, config)
     fill = input_means(calibration_stats(loaded, config)) if pg.bias_compensation else None
     run = PGRun(loaded.model, loaded.adapter, space, config.ratio, pg, config.seed, blocks, valid, init_scores,
                 run_dir, settings_of(loaded, config), fill, on_status)

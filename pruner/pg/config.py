@@ -55,10 +55,14 @@ class PGConfig:
                                    "parameter budget that heads and channels share", "Budget", choices=BUDGETS)
     scope: str = knob("global", "global: one budget over all layers (layers find their own sparsity); "
                                 "per_layer: every layer keeps 1-ratio", "Scope", choices=SCOPES)
-    init: str = knob("sigmap", "sigmap, const or norm map a metric to probabilities; random ignores it",
+    init: str = knob("sigmap", "sigmap, const or norm map a metric to probabilities; mask starts from the "
+                               "metric method's own mask at this ratio (kept units high, removed low, the "
+                               "gap 2c - 1; with the joint budget the first hard mask is that mask, topped "
+                               "up to the budget where the method removed more); random ignores it",
                      "Initialisation", choices=INITS)
-    init_metric: str = knob("flap", "the metric behind sigmap / const / norm", "Init metric", choices=INIT_METRICS)
-    init_const: float = knob(0.9, "c of the const init", "Const init c", 0.5, 1.0, advanced=True)
+    init_metric: str = knob("flap", "the metric behind sigmap / const / norm / mask", "Init metric",
+                            choices=INIT_METRICS)
+    init_const: float = knob(0.9, "c of the const and mask inits", "Const init c", 0.5, 1.0, advanced=True)
     penalty: float = knob(0.0, "weight of the log-odds penalty (decays with the learning rate)", "Log-odds penalty",
                           0.0, 1e6, advanced=True)
     prob_floor: float = knob(0.01, "keep every s in [floor, 1 - floor] so every unit stays explorable (0: the "
