@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -151,19 +152,19 @@ def jobs_for(args, methods, pg: dict, init_metric: dict | None = None) -> list[d
 SAME_SETTINGS = ("model", "granularity", "calib_windows", "seqlens", "max_windows", "val_windows")
 
 
-def reused_rows(args) -> list[dict]:
-    """Dense and metric rows of earlier result files run with the same settings (SAME_SETTINGS);
-    a file run with other settings is refused, since its rows would not be comparable."""
+def reused_rows(args) -> dict[tuple, dict]:
+    """Dense and metric rows of earlier result files run with the same settings (SAME_SETTINGS), by
+    job_key; a file run with other settings is refused, since its rows would not be comparable."""
     rows = {}
     for path in args.reuse:
-        earlier = json.loads(open(path).read())
+        earlier = json.loads(Path(path).read_text())
         differ = [k for k in SAME_SETTINGS if earlier["args"].get(k) != getattr(args, k)]
         if differ:
             raise SystemExit(f"--reuse {path}: run with other {', '.join(differ)}")
         for row in earlier["rows"]:
             if row["method"] == "dense" or row["method"] in METRICS:
                 rows[job_key(row)] = row
-    return list(rows.values())
+    return rows
 
 
 def job_key(job: dict) -> tuple:
@@ -239,7 +240,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from pruner.pg.config import PGConfig
 
-    chosen = (json.loads(open(args.pg_from).read()).get("chosen_config") or {}) if args.pg_from else {}
+    chosen = (json.loads(Path(args.pg_from).read_text()).get("chosen_config") or {}) if args.pg_from else {}
     pg = dataclasses.asdict(PGConfig(**{**chosen, **json.loads(args.pg)}))
     init, rows, start = functools.partial(load_state, args.model, args.device, args.workers), [], time.time()
 
@@ -249,11 +250,9 @@ def main(argv=None) -> None:
                       markdown(table, args, pg))
 
     metrics = [m for m in args.methods if m in METRICS]
-    planned = jobs_for(args, ["dense", *metrics], pg)
-    keys = {job_key(job) for job in planned}
-    rows += [row for row in reused_rows(args) if job_key(row) in keys]
-    done = {job_key(row) for row in rows}
-    rows += run_jobs([job for job in planned if job_key(job) not in done], init, do_job, args.workers, save,
+    planned, reused = jobs_for(args, ["dense", *metrics], pg), reused_rows(args)
+    rows += [reused[job_key(job)] for job in planned if job_key(job) in reused]
+    rows += run_jobs([job for job in planned if job_key(job) not in reused], init, do_job, args.workers, save,
                      args.deadline_s)
     choice = best_metrics(rows, args)
     remaining = None if args.deadline_s is None else max(0.0, args.deadline_s - (time.time() - start))
