@@ -126,10 +126,20 @@ def budget_figure(steps: list[dict]) -> str:
 
 
 def ppl_figure(evals: list[dict]) -> str:
-    return charts.line_chart(
-        [Series("hard-mask validation perplexity", [e["step"] for e in evals], [e["ppl"] for e in evals],
-                mode="lines+markers")],
-        "Validation perplexity of the current hard mask", "step", "perplexity", key="ppl")
+    """Validation perplexity of the hard mask at each evaluation, with (result=best) its perplexity on
+    the held-out calibration blocks and a star on the best so far: the mask the search returns."""
+    steps = [e["step"] for e in evals]
+    series = [Series("validation", steps, [e["ppl"] for e in evals], mode="lines+markers")]
+    held = [e for e in evals if "holdout_ppl" in e]
+    if held:
+        series.append(Series("held-out calibration blocks", [e["step"] for e in held],
+                             [e["holdout_ppl"] for e in held], mode="lines+markers", dash=True))
+        best = held[-1]["best_step"]
+        chosen = [e for e in evals if e["step"] == best]
+        if chosen:  # the start (step 0) is a candidate too, but has no validation point to mark
+            series.append(Series("best on held-out (the result)", [best], [chosen[0]["ppl"]], mode="markers",
+                                 symbol="star", size=7.0))
+    return charts.line_chart(series, "Perplexity of the current hard mask", "step", "perplexity", key="ppl")
 
 
 def heatmap_figure(matrix, title: str, xlabel: str, cell: str | None = None) -> str:

@@ -251,6 +251,10 @@ def render(state: dict) -> None:
         if evals:
             with cols[1]:
                 draw(ppl_figure(evals))
+                if "best_step" in evals[-1]:
+                    st.caption(f"The search returns its best hard mask so far on the held-out calibration "
+                               f"blocks: step {evals[-1]['best_step']} (perplexity "
+                               f"{evals[-1]['best_holdout_ppl']:.1f} there; step 0 is the start).")
     if snapshots:
         snap = snapshots[-1]
         heads, chans = views.heads_matrix(snap), views.channels_matrix(snap)

@@ -41,7 +41,7 @@ def time_steps(model, ratio: float, overrides: dict, steps: int, warmup: int, sa
     valid = torch.randint(0, vocab, (2, 128), generator=g)
     config = PGConfig(steps=steps + warmup, samples=samples, batch_size=batch_size, seqlen=128, init="random",
                       bias_compensation=False, eval_every=10**6, snapshot_every=10**6, checkpoint_every=10**6,
-                      **overrides)
+                      result="last", holdout_blocks=0, **overrides)
     run = PGRun(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid)
     cuda = next(model.parameters()).is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)

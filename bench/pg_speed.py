@@ -172,7 +172,7 @@ def overhead_series(run: PGRun, repeats: int) -> dict[str, list[float]]:
 def variant(run: PGRun, ratio: float, forward_mode: str) -> PGRun:
     """A run like `run` (same model, batches, seed and knobs) at another ratio and forward mode."""
     config = dataclasses.replace(run.config, forward_mode=forward_mode)
-    return PGRun(run.model, run.adapter, run.space, ratio, config, run.seed, run.blocks, run.valid)
+    return PGRun(run.model, run.adapter, run.space, ratio, config, run.seed, run.blocks, run.valid, holdout=run.holdout)
 
 
 def matmul_share(run: PGRun, kept: float) -> float:

@@ -29,11 +29,13 @@ VARIANTS = {
     "twice the steps": {"steps": 2.0},
     "K=8": {"samples": 8},
     "default": {},
+    "last mask": {"result": "last"},
     "independent, leave-one-out": {"sampling": "independent", "baseline": "loo"},
     "exact estimator": {"estimator": "exact"},
     "joint budget": {"budget": "joint"},
     "mask start, joint budget": {"init": "mask", "budget": "joint"},
     "lr x3": {"lr": 3.0},
+    "lr x3, last mask": {"lr": 3.0, "result": "last"},
     "lr x10": {"lr": 10.0},
     "lr /3": {"lr": 1 / 3},
     "init taylor": {"init_metric": "taylor"},
@@ -107,6 +109,7 @@ def do_job(state, job: dict) -> dict:
     row = {k: job[k] for k in ("variant", "ratio", "seed")} | {
         "val_ppl@128": perplexity(pruned, state["windows"], batch_size=64)["ppl"],
         "achieved_ratio": report["achieved_ratio"], "wall_time_s": time.perf_counter() - t0,
+        "best_step": report["pg"]["best_step"] if search else None,
         "search_curve": report["pg"]["validation_ppl"] if search else None}
     print_row({k: v for k, v in row.items() if k != "search_curve"})
     return row

@@ -145,3 +145,17 @@ def test_empty_data_draws_empty_axes():
                 charts.line_chart([Series("s", [], [])], "t", "x", "y"),
                 charts.bar_chart([], {"a": []}, "t", "x", "y"), charts.heatmap([], "t", "x")):
         assert parse(svg).find(f"{NS}text").text == "t"
+
+
+def test_the_perplexity_chart_stars_the_mask_a_search_returns():
+    from app_pages.common import ppl_figure
+
+    evals = [{"step": 40, "ppl": 120.0, "holdout_ppl": 90.0, "best_step": 40, "best_holdout_ppl": 90.0},
+             {"step": 80, "ppl": 125.0, "holdout_ppl": 95.0, "best_step": 40, "best_holdout_ppl": 90.0}]
+    root = parse(ppl_figure(evals))
+    stars = [p.find(f"{NS}title").text for p in root.iter(f"{NS}polygon") if p.get("class") == "point"]
+    assert sorted(stars) == ["best on held-out (the result)", "best on held-out (the result): step 40, 120"]
+    texts = " ".join(t.text or "" for t in root.iter(f"{NS}text"))
+    assert "held-out calibration blocks" in texts and "validation" in texts
+    plain = parse(ppl_figure([{"step": 40, "ppl": 120.0}]))  # result=last: validation alone, no star
+    assert not [p for p in plain.iter(f"{NS}polygon") if p.get("class") == "point"]

@@ -32,12 +32,13 @@ def make_search(run_dir, steps: int = STEPS) -> PGRun:
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 97, (16, 12), generator=g)
     valid = torch.randint(0, 97, (3, 12), generator=g)
+    holdout = torch.randint(0, 97, (3, 12), generator=g)
     fill = input_means(collect_input_stats(model, adapter, blocks[:4]))
     config = PGConfig(steps=steps, samples=3, sampling="independent", batch_size=2, seqlen=12, init="random",
                       eval_every=2, eval_windows=3,
                       snapshot_every=2, checkpoint_every=2, bias_compensation=True)
     return PGRun(model, adapter, space, 0.5, config, seed=0, blocks=blocks, valid=valid,
-                 run_dir=Path(run_dir) if run_dir else None, fill=fill)
+                 run_dir=Path(run_dir) if run_dir else None, fill=fill, holdout=holdout)
 
 
 def free_port() -> int:

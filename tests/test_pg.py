@@ -253,9 +253,11 @@ def make_run(cls=PGRun, ratio=0.5, steps=4, granularity="kv_group", run_dir=None
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 97, (16, 12), generator=g)
     valid = torch.randint(0, 97, (2, 12), generator=g)
-    config = PGConfig(steps=steps, batch_size=2, seqlen=12, eval_every=2, eval_windows=2, snapshot_every=2,
-                      checkpoint_every=2, bias_compensation=bias_compensation, **pg)
-    return cls(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid, run_dir=run_dir, fill=fill)
+    holdout = torch.randint(0, 97, (2, 12), generator=g)
+    config = PGConfig(**{"steps": steps, "batch_size": 2, "seqlen": 12, "eval_every": 2, "eval_windows": 2,
+                         "snapshot_every": 2, "checkpoint_every": 2, "bias_compensation": bias_compensation, **pg})
+    return cls(model, adapter, space, ratio, config, seed=0, blocks=blocks, valid=valid, run_dir=run_dir, fill=fill,
+               holdout=holdout)
 
 
 def test_pg_finds_the_units_that_matter():
@@ -434,6 +436,8 @@ def test_sigkilled_run_resumes_on_the_same_trajectory(tmp_path):
     assert torch.equal(resumed.s_h, whole.s_h) and torch.equal(resumed.s_c, whole.s_c)
     assert resumed.baseline == whole.baseline
     assert [r["losses"] for r in resumed.history.steps] == [r["losses"] for r in whole.history.steps]
+    assert (resumed.best["step"], resumed.best["ppl"]) == (whole.best["step"], whole.best["ppl"])
+    assert torch.equal(resumed.best["mask"], whole.best["mask"])
 
 
 @pytest.mark.parametrize("compensate", [False, True])
@@ -454,7 +458,7 @@ def test_bias_compensation_scores_mean_filled_masks_and_saves_the_bias(compensat
     run.run()
     selection = selection_of(run)
     assert selection.compensate == compensate
-    assert all(torch.equal(a, b) for a, b in zip(selection.mask.channels, run.current_mask().channels))
+    assert all(torch.equal(a, b) for a, b in zip(selection.mask.channels, run.result_mask().channels))
 
 
 @pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(penalty=float("nan")), dict(lr=1e9)])
@@ -521,3 +525,88 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
     fresh = make_run(steps=2, run_dir=tmp_path / "r")
     with pytest.raises(PrunerError, match="damaged"):
         fresh.load_checkpoint()
+
+
+def holdout_ppl_of(run: PGRun, mask) -> float:
+    """exp(mean NLL) of the held-out blocks under `mask`, through the plain masked forward."""
+    from pruner.evaluate import window_losses
+    from pruner.masking import masked
+
+    with masked(run.model, run.adapter, run.space, mask, run.fill):
+        return math.exp(float(window_losses(run.model, run.holdout).double().mean()))
+
+
+@pytest.mark.parametrize("result", ["best", "last"])
+def test_the_result_is_the_lowest_held_out_hard_mask_scored_or_the_last(result):
+    """result=best returns, of the hard masks at the start and at every evaluation, the one whose
+    held-out perplexity (recomputed here with masked forwards) is lowest; result=last the final one."""
+    from pruner.budget import hard_mask
+
+    run = make_run(steps=8, lr=0.5, init="random", sampling="independent", samples=3, eval_every=1,
+                   snapshot_every=1, result=result)
+    run.run()
+    candidates = [hard_mask(run.space, torch.cat(snap["heads"]).double(), torch.cat(snap["channels"]).double(),
+                            run.keep, run.config.budget, run.config.scope) for snap in run.history.snapshots]
+    ppl = [holdout_ppl_of(run, m) for m in candidates]
+    assert len(set(ppl)) > 1  # the search moved: the choice is not trivial
+    assert [e["holdout_ppl"] for e in run.history.evals] == pytest.approx(ppl[1:], rel=1e-5)
+    chosen = candidates[min(range(len(ppl)), key=ppl.__getitem__)] if result == "best" else run.current_mask()
+    got = run.result_mask()
+    assert all(torch.equal(a, b) for a, b in zip(got.heads + got.channels, chosen.heads + chosen.channels))
+    assert run.best["ppl"] == pytest.approx(min(ppl), rel=1e-5)
+
+
+def test_held_out_blocks_are_never_a_batch():
+    from pruner.pg.run import hold_out
+
+    blocks = torch.arange(40).view(10, 4)
+    search, held = hold_out(blocks, 3)
+    assert torch.equal(torch.cat([search, held]), blocks) and len(held) == 3
+    run = make_run(steps=2)
+    run.blocks, run.holdout = search, held
+    seen = torch.cat([run.batch_at(step) for step in range(50)])
+    assert not bool(torch.isin(seen, held).any())
+    assert hold_out(blocks, 0) == (blocks, None)
+    with pytest.raises(PrunerError, match="too short"):
+        hold_out(blocks, 10)
+
+
+def test_result_best_needs_held_out_blocks():
+    with pytest.raises(PrunerError, match="holdout_blocks"):
+        PGConfig(result="best", holdout_blocks=0).validate()
+    PGConfig(result="last", holdout_blocks=0).validate()
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    space = PruningSpace.from_model(model, adapter, "kv_group")
+    blocks, valid = torch.zeros(4, 12, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long)
+    with pytest.raises(PrunerError, match="held-out"):
+        PGRun(model, adapter, space, 0.5, PGConfig(bias_compensation=False), seed=0, blocks=blocks, valid=valid)
+
+
+def test_the_best_mask_survives_a_checkpoint_and_old_checkpoints_have_none(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pruner.pg.checkpoint import META_KEY, load_checkpoint
+
+    run = make_run(steps=4, run_dir=tmp_path / "r", lr=0.5, init="random")
+    run.run()
+    ckpt = load_checkpoint(tmp_path / "r")
+    assert (ckpt.best["step"], ckpt.best["ppl"]) == (run.best["step"], run.best["ppl"])
+    assert torch.equal(ckpt.best["mask"], run.best["mask"]) and ckpt.best["mask"].dtype == torch.bool
+    resumed = make_run(steps=4, run_dir=tmp_path / "r", lr=0.5, init="random")
+    assert resumed.load_checkpoint()
+    assert all(torch.equal(a, b) for a, b in zip(resumed.result_mask().channels, run.result_mask().channels))
+    path = tmp_path / "r" / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:  # as written before the best was kept
+        meta = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "best_mask"}
+    del meta["best"]
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    assert load_checkpoint(tmp_path / "r").best is None
+    meta["best"] = {"step": 1, "ppl": 2.0}  # a record without its mask is damage
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(PrunerError, match="damaged"):
+        load_checkpoint(tmp_path / "r")

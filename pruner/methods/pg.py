@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..calibration import calibration_stats, input_means
-from ..pg.run import PGRun, training_blocks
+from ..pg.run import PGRun, hold_out, training_blocks
 from ..run_record import RunRecord
 from ..space import PruningSpace
 from ..windows import bos_id, corpus_ids, corpus_windows
@@ -32,8 +32,8 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None,
     """Tokenise the corpus, compute the init metric, and create a run, continued from run_dir's
     checkpoint when there is one."""
     pg = config.pg
-    blocks = training_blocks(corpus_ids(loaded.tokenizer, config.data, "train"), pg.seqlen, config.seed,
-                             bos_id(loaded.tokenizer))
+    blocks, holdout = hold_out(training_blocks(corpus_ids(loaded.tokenizer, config.data, "train"), pg.seqlen,
+                                               config.seed, bos_id(loaded.tokenizer)), pg.holdout_blocks)
     valid = corpus_windows(loaded.tokenizer, config.data, "validation", pg.seqlen, pg.eval_windows)
     init_scores: UnitScores | None = None
     if pg.init == "mask":  # the metric method's own mask at this ratio, as 1 kept / 0 removed
@@ -43,7 +43,7 @@ def build_run(loaded, space: PruningSpace, config, run_dir: Path | None = None,
         init_scores = INIT_METHODS[pg.init_metric].unit_scores(loaded, space, config)
     fill = input_means(calibration_stats(loaded, config)) if pg.bias_compensation else None
     run = PGRun(loaded.model, loaded.adapter, space, config.ratio, pg, config.seed, blocks, valid, init_scores,
-                run_dir, settings_of(loaded, config), fill, on_status)
+                run_dir, settings_of(loaded, config), fill, on_status, holdout)
     run.load_checkpoint()
     return run
 
@@ -56,12 +56,17 @@ def record_status(record: RunRecord) -> Callable[[PGRun], None]:
 
 
 def selection_of(run: PGRun) -> Selection:
-    """The hard mask of a run's current probabilities; compensated when the search scored masks so."""
+    """The run's result mask (`PGRun.result_mask`: the best on held-out blocks, or the last);
+    compensated when the search scored masks so."""
     history = run.history.read()
-    return Selection(run.current_mask(), compensate=run.config.bias_compensation, extra={"pg": {
+    best = run.best if run.config.result == "best" else None
+    return Selection(run.result_mask(), compensate=run.config.bias_compensation, extra={"pg": {
         "steps": run.step,
         "final_loss_mean": history["steps"][-1]["loss_mean"] if history["steps"] else None,
         "validation_ppl": history["evals"],
+        "result": run.config.result,
+        "best_step": best["step"] if best else None,
+        "holdout_ppl": best["ppl"] if best else None,
         "run_dir": str(run.run_dir) if run.run_dir else None,
     }})
 

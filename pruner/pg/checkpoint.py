@@ -43,6 +43,7 @@ class Checkpoint:
     settings: dict = field(default_factory=dict)  # the whole PruneConfig and model spec, to resume
     status: str = "running"
     history: dict = field(default_factory=lambda: {"steps": [], "snapshots": [], "evals": []})
+    best: dict | None = None  # {"step", "ppl", "mask": (N_units,) bool}: the best hard mask on held-out blocks
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
@@ -53,6 +54,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"s_h": ckpt.s_h.double().contiguous(), "s_c": ckpt.s_c.double().contiguous(),
                "generator": ckpt.generator.contiguous()}
+    if ckpt.best is not None:
+        tensors["best_mask"] = ckpt.best["mask"].to(torch.uint8).contiguous()
     snapshot_steps = []
     for i, snap in enumerate(ckpt.history["snapshots"]):
         snapshot_steps.append(snap["step"])
@@ -61,6 +64,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
                 tensors[f"snapshot.{i}.{kind}.{l}"] = t.float().contiguous().clone()
     meta = {"format": FORMAT, "step": ckpt.step, "baseline": ckpt.baseline, "config": ckpt.config,
             "ratio": ckpt.ratio, "seed": ckpt.seed, "settings": ckpt.settings, "status": ckpt.status,
+            "best": None if ckpt.best is None else {"step": ckpt.best["step"], "ppl": ckpt.best["ppl"]},
             "steps": ckpt.history["steps"], "evals": ckpt.history["evals"], "snapshot_steps": snapshot_steps,
             "layers": len(ckpt.history["snapshots"][0]["heads"]) if ckpt.history["snapshots"] else 0}
     path = run_dir / CHECKPOINT
@@ -123,10 +127,23 @@ def _read(path: Path) -> Checkpoint:
             snap[kind] = parts
         snapshots.append(snap)
     _check(meta["baseline"] is None or math.isfinite(meta["baseline"]), "the baseline is not finite")
+    best = _best(meta.get("best"), tensors.get("best_mask"))
     return Checkpoint(step=meta["step"], s_h=tensors["s_h"], s_c=tensors["s_c"], baseline=meta["baseline"],
                       generator=gen, config=with_added_knobs(meta["config"]), ratio=meta["ratio"], seed=meta["seed"],
                       settings=meta["settings"], status=meta["status"],
-                      history={"steps": meta["steps"], "snapshots": snapshots, "evals": meta["evals"]})
+                      history={"steps": meta["steps"], "snapshots": snapshots, "evals": meta["evals"]}, best=best)
+
+
+def _best(meta: dict | None, mask: Tensor | None) -> dict | None:
+    """The best-so-far record, checked (checkpoints written before it existed have none)."""
+    if meta is None:
+        _check(mask is None, "a best mask without its record")
+        return None
+    _check(isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("ppl"), float)
+           and math.isfinite(meta["ppl"]), "field 'best' is mistyped")
+    _check(mask is not None and mask.dim() == 1 and mask.dtype == torch.uint8 and bool((mask <= 1).all()),
+           "the best mask is missing or mistyped")
+    return {"step": meta["step"], "ppl": meta["ppl"], "mask": mask.bool()}
 
 
 def _check(ok: bool, what: str) -> None:

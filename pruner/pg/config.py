@@ -17,6 +17,7 @@ from ..pg_math import BASELINES, ESTIMATORS, INITS, SAMPLINGS
 
 INIT_METRICS = ("flap", "wanda-sp", "taylor", "magnitude")
 FORWARD_DTYPES = ("auto", "fp32", "bf16")
+RESULTS = ("best", "last")
 
 
 def knob(default, help: str, label: str, lo=None, hi=None, choices: tuple | None = None, advanced: bool = False):
@@ -31,7 +32,9 @@ class PGConfig:
     """Knobs of the policy-gradient search; defaults sized for the embedded model on 2 CPU cores and
     chosen on the validation split (bench/results/pg_convergence_variants.md: one sequence per step,
     antithetic pairs, lr 0.003 were the only setting that did not lose perplexity from the metric
-    start within 200 steps). The reference runs 15,000 steps of 8 x 128 tokens with lr 2e-3 on 7B."""
+    start within 200 steps; result=best: bench/results/pg_best_cpu.md, where the last hard mask lost
+    the start's perplexity and the best on held-out blocks kept it). The reference runs 15,000 steps
+    of 8 x 128 tokens with lr 2e-3 on 7B."""
 
     steps: int = knob(240, "search steps", "Steps", 1, 10_000_000)
     samples: int = knob(2, "K masks sampled per step, each scored on the batch (>= 2)", "Samples per step (K)", 2, 1024)
@@ -79,7 +82,14 @@ class PGConfig:
     bias_compensation: bool = knob(True, "score each sampled mask, and save the result, with FLAP's bias "
                                          "compensation: removed channels take their calibration means (off: the "
                                          "reference, removed channels at zero)", "Bias compensation")
-    eval_every: int = knob(40, "steps between validation perplexities of the current hard mask", "Evaluate every",
+    result: str = knob("best", "which hard mask the search returns. best: of those scored along the way (the start, "
+                               "every eval_every steps, the end), the one with the lowest perplexity on calibration "
+                               "blocks held out of the search (so it never ends worse than its start there); last: "
+                               "the hard mask of the final probabilities", "Result", choices=RESULTS)
+    holdout_blocks: int = knob(16, "calibration blocks held out of the search, never a batch: the hard masks are "
+                                   "scored on them for result=best (0: none)", "Held-out blocks", 0, 100_000,
+                               advanced=True)
+    eval_every: int = knob(40, "steps between validation (and held-out) perplexities of the current hard mask", "Evaluate every",
                            1, 10_000_000, advanced=True)
     eval_windows: int = knob(16, "validation windows per evaluation", "Evaluation windows", 1, 100_000, advanced=True)
     snapshot_every: int = knob(10, "steps between probability snapshots (heatmaps)", "Snapshot every", 1, 10_000_000,
@@ -99,13 +109,16 @@ class PGConfig:
                 ok = value in meta["choices"]
             if not ok:
                 raise PrunerError(f"bad policy-gradient setting: {f.name}={value!r}; expected {describe(f)}")
+        if self.result == "best" and self.holdout_blocks < 1:
+            raise PrunerError("result=best chooses among hard masks on held-out calibration blocks: "
+                              "holdout_blocks must be at least 1 (or use result=last)")
         if self.sampling == "antithetic" and self.samples % 2:
             raise PrunerError(f"antithetic sampling draws masks in pairs: samples (K) must be even, not {self.samples}")
         return self
 
 
 # Knobs added after runs were saved, with the value those runs behaved as: a saved run resumes as it ran.
-ADDED_KNOBS = {"sampling": "independent"}
+ADDED_KNOBS = {"sampling": "independent", "result": "last", "holdout_blocks": 0}
 
 
 def with_added_knobs(saved: dict) -> dict:

@@ -14,6 +14,8 @@ class RunHistory:
     snapshots: every `snapshot_every` steps, all probabilities per layer (for heatmaps); past
                MAX_SNAPSHOTS every other one (but the first and the newest) is dropped
     evals:     every `eval_every` steps, perplexity of the current hard mask on validation windows
+               ("ppl"), and with held-out blocks on them ("holdout_ppl") with the best so far
+               ("best_step", "best_holdout_ppl": the mask a result=best search returns)
     """
 
     def __init__(self, steps=None, snapshots=None, evals=None):

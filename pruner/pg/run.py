@@ -6,7 +6,10 @@ One step (Gao et al., as the reference scripts run it; the math is pruner.pg_mat
                                             or all K in one batched masked forward
     L_j     =  mean token cross-entropy of the model under m_j    (no autograd)
     s       <- Project(s - lr_t g)          g from pg_step; cosine lr_t; budget per kind or joint
-The final hard mask keeps the units of largest s under the same budget (pruner.budget.hard_mask).
+A hard mask keeps the units of largest s under the same budget (pruner.budget.hard_mask). The search
+returns (result=best) the hard mask with the lowest perplexity on calibration blocks held out of the
+search, among those scored: the start, every eval_every steps and the end; or (result=last) the final
+one. The held-out blocks are never a batch, and the validation split is only watched, never chosen on.
 
 A `PGRun` reports its status through `on_status(run)`; it never writes a run record itself.
 """
@@ -50,12 +53,25 @@ def training_blocks(ids: Tensor, seqlen: int, seed: int, bos: int | None = None)
     return blocks[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
+def hold_out(blocks: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
+    """(search blocks, held-out blocks): the last `n` shuffled blocks are set aside, never a batch.
+    n = 0 holds out nothing (None)."""
+    if n == 0:
+        return blocks, None
+    if len(blocks) <= n:
+        raise PrunerError(f"calibration text too short: {len(blocks)} blocks, but {n} are held out to choose the "
+                          "result and the search needs at least one more (lower holdout_blocks, or use result=last)")
+    return blocks[:-n], blocks[-n:]
+
+
 class PGRun:
     """A policy-gradient search that can run in a background thread, be paused, resumed,
     stopped, killed and resumed from its last checkpoint.
 
-    `blocks` (N, seqlen) are the shuffled calibration blocks; `valid` (W, seqlen) the held-out
-    windows for hard-mask perplexity. `init_scores` are per-layer metric scores for the
+    `blocks` (N, seqlen) are the shuffled calibration blocks the steps read; `valid` (W, seqlen) the
+    validation windows whose hard-mask perplexity is watched (history "evals"); `holdout` (H, seqlen)
+    calibration blocks the steps never read, on which hard masks are scored to choose the result
+    (`best`: step, perplexity and flat mask of the best so far). `init_scores` are per-layer metric scores for the
     initialisation (ignored for `random`). `fill`: calibration means of the o_proj/down_proj
     inputs; with `config.bias_compensation` removed channels take them in every scored forward
     (pruner.masking). With `run_dir`, checkpoints go there; `settings` travel with them.
@@ -67,7 +83,7 @@ class PGRun:
                  blocks: Tensor, valid: Tensor, init_scores: tuple[list[Tensor], list[Tensor]] | None = None,
                  run_dir: Path | None = None, settings: dict | None = None,
                  fill: tuple[list[Tensor], list[Tensor]] | None = None,
-                 on_status: Callable[["PGRun"], None] | None = None):
+                 on_status: Callable[["PGRun"], None] | None = None, holdout: Tensor | None = None):
         self.model, self.adapter, self.space = model, adapter, space
         self.device = model_device(model)
         self.group = distributed.current()
@@ -75,7 +91,10 @@ class PGRun:
             raise PrunerError("bias_compensation needs the calibration means of the o_proj/down_proj inputs")
         self.fill = tuple([t.to(self.device) for t in part] for part in fill) if config.bias_compensation else None
         self.ratio, self.keep, self.config, self.seed = ratio, keep_fraction(ratio), config.validate(), seed
-        self.blocks, self.valid = blocks, valid
+        self.blocks, self.valid, self.holdout = blocks, valid, holdout
+        if self.config.result == "best" and (holdout is None or len(holdout) == 0):
+            raise PrunerError("result=best needs held-out calibration blocks to choose on")
+        self.best: dict | None = None
         self.run_dir = Path(run_dir) if run_dir else None
         self.settings = settings or {}
         self.on_status = on_status
@@ -126,6 +145,16 @@ class PGRun:
 
     def current_mask(self) -> Mask:
         return hard_mask(self.space, self.s_h, self.s_c, self.keep, self.config.budget, self.config.scope)
+
+    def result_mask(self) -> Mask:
+        """The mask the search returns: the best scored on the held-out blocks (result=best; the
+        current one before any was scored), or the current hard mask (result=last)."""
+        if self.config.result == "best" and self.best is not None:
+            flat = self.best["mask"]
+            n_h = len(self.s_h)
+            probs = self.space.unflatten(flat[:n_h], flat[n_h:])
+            return Mask(tuple(t.clone() for t in probs.heads), tuple(t.clone() for t in probs.channels))
+        return self.current_mask()
 
     def probabilities(self) -> Mask:
         """Per-layer keep probabilities, as a Mask of floats (for heatmaps)."""
@@ -223,16 +252,36 @@ class PGRun:
             record[f"{name}_entropy"] = pg_math.entropy(probs)
         return record
 
-    def evaluate_hard_mask(self) -> float:
-        """Perplexity of the current hard mask on the validation windows (each rank its share)."""
-        mine = self.group.share(len(self.valid))
+    def evaluate_hard_mask(self, windows: Tensor | None = None, mask: Mask | None = None) -> float:
+        """Perplexity of `mask` (default: the current hard mask) on `windows` (default: the
+        validation windows), each rank its share."""
+        windows = self.valid if windows is None else windows
+        mine = self.group.share(len(windows))
         total = torch.zeros(2, dtype=torch.float64)  # sum of window losses, windows
-        with self._autocast(), self._under(self.current_mask()):
+        with self._autocast(), self._under(self.current_mask() if mask is None else mask):
             for start in range(mine.start, mine.stop, 8):
-                losses = window_losses(self.model, self.valid[start:min(start + 8, mine.stop)]).double().cpu()
+                losses = window_losses(self.model, windows[start:min(start + 8, mine.stop)]).double().cpu()
                 total += torch.stack([losses.sum(), torch.tensor(float(len(losses)), dtype=torch.float64)])
         total = self.group.sum(total)
         return math.exp(float(total[0] / total[1]))
+
+    def score_on_holdout(self) -> float | None:
+        """Held-out perplexity of the current hard mask; it becomes `best` when lower than the best
+        so far (ties keep the earlier). None without held-out blocks."""
+        if self.holdout is None:
+            return None
+        mask = self.current_mask()
+        ppl = self.evaluate_hard_mask(self.holdout, mask)
+        if self.best is None or ppl < self.best["ppl"]:
+            self.best = {"step": self.step, "ppl": ppl, "mask": torch.cat([*mask.heads, *mask.channels]).bool()}
+        return ppl
+
+    def _evaluate(self) -> None:
+        entry = {"step": self.step, "ppl": self.evaluate_hard_mask()}
+        holdout = self.score_on_holdout()
+        if holdout is not None:
+            entry |= {"holdout_ppl": holdout, "best_step": self.best["step"], "best_holdout_ppl": self.best["ppl"]}
+        self.history.append("evals", entry)
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -242,7 +291,8 @@ class PGRun:
         save_checkpoint(self.run_dir, Checkpoint(
             step=self.step, s_h=self.s_h, s_c=self.s_c, baseline=self.baseline,
             generator=self.generator.get_state(), config=dataclasses.asdict(self.config), ratio=self.ratio,
-            seed=self.seed, settings=self.settings, status=self.status, history=self.history.read()))
+            seed=self.seed, settings=self.settings, status=self.status, history=self.history.read(),
+            best=self.best))
         if self.on_status:
             self.on_status(self)
 
@@ -260,7 +310,10 @@ class PGRun:
             self.generator.set_state(ckpt.generator)
         except RuntimeError:
             raise PrunerError(f"the checkpoint in {self.run_dir} is damaged: bad generator state") from None
+        if ckpt.best is not None and ckpt.best["mask"].numel() != len(self.s_h) + len(self.s_c):
+            raise PrunerError(f"the checkpoint in {self.run_dir} does not fit this model's units; use a new run directory")
         self.step, self.s_h, self.s_c, self.baseline = ckpt.step, ckpt.s_h, ckpt.s_c, ckpt.baseline
+        self.best = ckpt.best
         h = ckpt.history
         self.history = RunHistory(h["steps"], h["snapshots"], h["evals"])
         return True
@@ -278,6 +331,8 @@ class PGRun:
         try:
             if self.step == 0 and not self.history.snapshots:
                 self._snapshot()
+            if self.best is None:
+                self.score_on_holdout()  # the start is a candidate
             while self.step < cfg.steps:
                 while self._pause.is_set() and not self._stop.is_set():
                     self.status = "paused"
@@ -292,7 +347,7 @@ class PGRun:
                 if self.step % cfg.snapshot_every == 0 or self.step == cfg.steps:
                     self._snapshot()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    self.history.append("evals", {"step": self.step, "ppl": self.evaluate_hard_mask()})
+                    self._evaluate()
                 if self.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if progress:
