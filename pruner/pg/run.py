@@ -265,20 +265,21 @@ class PGRun:
         total = self.group.sum(total)
         return math.exp(float(total[0] / total[1]))
 
-    def score_on_holdout(self) -> float | None:
-        """Held-out perplexity of the current hard mask; it becomes `best` when lower than the best
-        so far (ties keep the earlier). None without held-out blocks."""
+    def score_on_holdout(self, mask: Mask | None = None) -> float | None:
+        """Held-out perplexity of `mask` (default: the current hard mask); it becomes `best` when lower
+        than the best so far (ties keep the earlier). None without held-out blocks."""
         if self.holdout is None:
             return None
-        mask = self.current_mask()
+        mask = self.current_mask() if mask is None else mask
         ppl = self.evaluate_hard_mask(self.holdout, mask)
         if self.best is None or ppl < self.best["ppl"]:
             self.best = {"step": self.step, "ppl": ppl, "mask": torch.cat([*mask.heads, *mask.channels]).bool()}
         return ppl
 
     def _evaluate(self) -> None:
-        entry = {"step": self.step, "ppl": self.evaluate_hard_mask()}
-        holdout = self.score_on_holdout()
+        mask = self.current_mask()  # one hard mask, scored on validation and on the held-out blocks
+        entry = {"step": self.step, "ppl": self.evaluate_hard_mask(mask=mask)}
+        holdout = self.score_on_holdout(mask)
         if holdout is not None:
             entry |= {"holdout_ppl": holdout, "best_step": self.best["step"], "best_holdout_ppl": self.best["ppl"]}
         self.history.append("evals", entry)
